@@ -1,0 +1,39 @@
+"""neutra_flows: normalizing flows trained by VI, used to precondition HMC and NUTS.
+
+The public API:
+
+* flows: :func:`make_flow`, :data:`FLOW_NAMES`, :func:`save_flow`, :func:`load_flow`
+  and the bijector classes in :mod:`neutra_flows.bijectors`;
+* targets: :class:`Target` and the built-ins in :mod:`neutra_flows.targets`;
+* variational inference: :func:`fit`, :func:`fit_to_data`, :class:`FitResult`;
+* NeuTra sampling: :class:`NeuTraKernel`, :func:`sample`;
+* diagnostics: :func:`compare`; pictures in :mod:`neutra_flows.plots`.
+"""
+
+from neutra_flows import bijectors, targets
+from neutra_flows.diagnostics import compare
+from neutra_flows.flows import FLOW_NAMES, make_flow
+from neutra_flows.io import load_flow, save_flow
+from neutra_flows.mcmc import NeuTraKernel, sample
+from neutra_flows.targets import Target
+from neutra_flows.vi import DataFitResult, FitResult, fit, fit_to_data
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FLOW_NAMES",
+    "DataFitResult",
+    "FitResult",
+    "NeuTraKernel",
+    "Target",
+    "bijectors",
+    "compare",
+    "fit",
+    "fit_to_data",
+    "load_flow",
+    "make_flow",
+    "sample",
+    "save_flow",
+    "targets",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""PLACEHOLDER: flow bijector classes (replace)."""
