@@ -1,7 +1,971 @@
-"""PLACEHOLDER: being written by another engineer; replace this whole file."""
-def NeuTraKernel(*args, **kwargs):
-    raise NotImplementedError('NeuTraKernel is not written yet')
+"""NeuTra HMC and NUTS, and the plain-NUTS baseline they are compared with.
 
-def sample(*args, **kwargs):
-    raise NotImplementedError('sample is not written yet')
+NeuTra (Hoffman et al., 2019) runs HMC or NUTS on the *pulled-back* density of a
+trained flow ``f`` (base ``u`` to the target's unconstrained ``z = f(u)``):
 
+    log p~(u) = log p(f(u)) + log|det df/du (u)|,
+
+which is close to a standard normal when the flow is good, so a unit mass matrix
+and a short trajectory suffice. :class:`NeuTraKernel` is a TFP transition kernel
+that does exactly this with TFP's own pieces (outermost first)::
+
+    DualAveragingStepSizeAdaptation          step size, during the first
+      TransformedTransitionKernel(flow)      num_adaptation_steps only
+        [GradientBasedTrajectoryLengthAdaptation]   ChEES (HMC without a fixed
+          HamiltonianMonteCarlo | NoUTurnSampler    leapfrog count)
+
+The inner kernel sees ``target.unnormalized_log_prob`` (already including the
+target's constraining bijector), and the transformed kernel adds the flow's
+log-det. Step-size adaptation stays outermost because nesting it inside a
+transformed kernel breaks (TFP issue 589); the ChEES kernel must sit inside the
+transformed kernel (TFP forbids the other order), so its criterion, and the
+trajectory length it learns, live in the whitened latent space.
+
+:func:`sample` is the one-call driver. With ``flow=None`` it runs the baseline a
+user would otherwise run: TFP's preconditioned NUTS (or HMC) with Stan-style
+windowed adaptation of a diagonal mass matrix and the step size.
+
+The returned :class:`arviz.InferenceData` holds
+
+``posterior``
+    ``target.named_draws(z)``: the user's variables in the constrained space,
+    dims ``(chain, draw, ...)``.
+``sample_stats`` (dims ``(chain, draw)``)
+    ``diverging`` (bool), ``acceptance_rate``, ``step_size``, ``n_steps``
+    (leapfrog steps of the transition, i.e. gradient evaluations), ``lp`` (the
+    target's unnormalised log density on its unconstrained space at the draw,
+    comparable between NeuTra and the baseline), ``energy`` (the Hamiltonian
+    ``-log p~ + K(p)`` in the space the sampler moves in, at the state the
+    transition returned, for E-BFMI), and ``tree_depth`` for NUTS.
+``attrs`` (on both groups)
+    ``sampler``, ``kernel``, ``flow``, ``num_chains``, ``num_warmup``,
+    ``num_samples``, ``seed``, ``compile_time``, ``warmup_time``,
+    ``sampling_time`` (seconds; compile time is excluded from the other two),
+    ``flow_training_time`` (only when a ``FitResult`` was given),
+    ``num_grad_evals_warmup``, ``num_grad_evals_sampling`` (totals over all
+    chains), ``num_divergences_warmup``, ``num_divergences_sampling``,
+    ``step_size``, ``target_accept_prob``, ``trajectory_length`` (the frozen
+    ChEES or fixed trajectory length, NaN for NUTS), ``mean_leapfrog_steps``,
+    ``max_tree_depth`` (NUTS), ``adaptation``, ``target``, ``dtype``, and
+    ``ground_truth`` (JSON ``{"mean": ..., "std": ...}``) when the target knows it.
+
+A *gradient evaluation* is one leapfrog step of one chain. The one gradient per
+chain computed at bootstrap and the lp re-evaluation for ``sample_stats`` are not
+counted. Batched NUTS pads finished chains while others still build their trees;
+that padding is not counted either (it shows in the wall times instead).
+
+References
+----------
+* Hoffman, M., Sountsov, P., Dillon, J. V., Langmore, I., Tran, D. and
+  Vasudevan, S. "NeuTra-lizing bad geometry in Hamiltonian Monte Carlo using
+  neural transport." 2019, arXiv:1903.03704.
+* Hoffman, M., Radul, A. and Sountsov, P. "An adaptive-MCMC scheme for setting
+  trajectory lengths in Hamiltonian Monte Carlo." AISTATS 2021 (ChEES).
+* Hoffman, M. D. and Gelman, A. "The No-U-Turn Sampler: adaptively setting path
+  lengths in Hamiltonian Monte Carlo." JMLR 15, 2014, arXiv:1111.4246.
+* Stan Development Team. "Stan Reference Manual: HMC algorithm parameters"
+  (windowed adaptation).
+* Betancourt, M. "Diagnosing suboptimal cotangent disintegrations in
+  Hamiltonian Monte Carlo." 2016, arXiv:1604.00695 (energy, E-BFMI).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections import OrderedDict
+from typing import Any
+
+import arviz as az
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+# Internal TFP modules, pinned by the tensorflow-probability<0.26 requirement:
+# the windowed (Stan-style) adaptation schedule and the momentum distribution it
+# expects are not exported, and `unnest` is how TFP's own kernels reach into
+# nested kernel results.
+from tensorflow_probability.python.experimental.mcmc import (
+    preconditioning_utils,
+    windowed_sampling,
+)
+from tensorflow_probability.python.internal import unnest
+
+from neutra_flows._utils import as_seed, check_positive_int, split_seed
+
+tfb = tfp.bijectors
+
+__all__ = ["NeuTraKernel", "sample"]
+
+KERNELS = ("hmc", "nuts")
+# Stan and TFP's NUTS both call a transition divergent when the energy error
+# exceeds 1000; the same threshold is used for HMC.
+_DIVERGENCE_ENERGY = 1000.0
+# Stan's windowed adaptation needs a few steps per window.
+_MIN_WINDOWED_WARMUP = 20
+_SAMPLE_CHAIN_SALT = "mcmc.sample_chain"
+
+
+def _default_target_accept_prob(kernel: str) -> float:
+    return 0.8 if kernel == "nuts" else 0.75
+
+
+def _default_step_size(event_size: int) -> float:
+    # TFP's windowed-sampling heuristic (Langmore et al. 2019): a well-scaled
+    # d-dimensional target wants a step of order d^(-1/4).
+    return 0.5 * event_size**-0.25
+
+
+def _check_kernel_name(kernel: str) -> str:
+    if not isinstance(kernel, str) or kernel.lower() not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel.lower()
+
+
+def _check_target(target: Any) -> None:
+    for attr in ("unnormalized_log_prob", "event_size", "dtype"):
+        if not hasattr(target, attr):
+            raise ValueError(
+                "target must be a neutra_flows.Target (or have unnormalized_log_prob, "
+                f"event_size and dtype); got {type(target).__name__} without {attr!r}"
+            )
+
+
+def _flow_name(flow: tfb.Bijector) -> str:
+    config = getattr(flow, "flow_config", None)
+    if isinstance(config, dict) and "name" in config:
+        return str(config["name"])
+    return str(getattr(flow, "name", type(flow).__name__))
+
+
+def _check_flow(flow: Any, target: Any) -> None:
+    """Raises ValueError unless `flow` maps `[d]` to `[d]` with a finite exact log-det."""
+    d = int(target.event_size)
+    if not isinstance(flow, tfb.Bijector):
+        raise ValueError(
+            f"flow must be a tfp.bijectors.Bijector or a FitResult, got {type(flow).__name__}"
+        )
+    if getattr(flow, "exact_log_det", True) is False:
+        raise ValueError(
+            f"flow {_flow_name(flow)!r} has a stochastic log-det estimate "
+            "(exact_log_det=False); NeuTra needs the exact log-det"
+        )
+    config = getattr(flow, "flow_config", None)
+    if isinstance(config, dict) and "event_size" in config and int(config["event_size"]) != d:
+        raise ValueError(
+            f"flow {_flow_name(flow)!r} has event size {config['event_size']} but the target "
+            f"has event size {d}"
+        )
+    u = tf.zeros([d], dtype=target.dtype)
+    try:
+        z = flow.forward(u)
+        ldj = flow.forward_log_det_jacobian(u, event_ndims=1)
+    except Exception as err:  # noqa: BLE001 - any failure here means a mismatched flow
+        raise ValueError(
+            f"flow {_flow_name(flow)!r} cannot be applied to a vector of the target's event "
+            f"size {d} and dtype {target.dtype.name}: {err}"
+        ) from err
+    if tuple(z.shape) != (d,):
+        raise ValueError(
+            f"flow {_flow_name(flow)!r} maps a [{d}] vector to shape {tuple(z.shape)}; its "
+            f"event size must equal the target's ({d})"
+        )
+    if tuple(ldj.shape) != ():
+        raise ValueError(
+            f"flow {_flow_name(flow)!r}: forward_log_det_jacobian of one [{d}] vector has "
+            f"shape {tuple(ldj.shape)}, expected a scalar (forward_min_event_ndims must be 1)"
+        )
+    if not (np.all(np.isfinite(z.numpy())) and np.isfinite(ldj.numpy())):
+        raise ValueError(f"flow {_flow_name(flow)!r} is not finite at the origin of its base")
+
+
+def _pulled_back_log_prob(target: Any, flow: tfb.Bijector):
+    """`u -> log p(f(u)) + log|det f'(u)|`, the density NeuTra's inner kernel sees."""
+
+    def log_prob(u):
+        return target.unnormalized_log_prob(flow.forward(u)) + flow.forward_log_det_jacobian(
+            u, event_ndims=1
+        )
+
+    return log_prob
+
+
+class NeuTraKernel(tfp.mcmc.TransitionKernel):
+    """HMC or NUTS in a trained flow's latent space, as a TFP transition kernel.
+
+    The chain state is the target's flat unconstrained ``z`` of shape
+    ``[num_chains, d]`` (any batch shape works); internally the sampler moves the
+    base variable ``u`` with ``z = flow.forward(u)`` under the pulled-back density
+    ``log p(f(u)) + log|det f'(u)|``. Use it as is::
+
+        kernel = NeuTraKernel(target, flow, kernel="hmc", num_adaptation_steps=800)
+        z0, results = kernel.init_chains(16, seed=1)      # no flow inverse needed
+        draws = tfp.mcmc.sample_chain(1000, z0, results, kernel=kernel,
+                                      num_burnin_steps=1000, trace_fn=None, seed=2)
+
+    ``tfp.mcmc.sample_chain(..., current_state=z0)`` without kernel results also
+    works, but bootstraps through ``flow.inverse(z0)``, which an IAF computes
+    sequentially; :meth:`init_chains` and ``bootstrap_results(
+    transformed_init_state=u0)`` avoid it. The kernel never trains the flow.
+
+    Args:
+      target: a :class:`neutra_flows.Target` (anything with
+        ``unnormalized_log_prob`` on ``[..., d]``, ``event_size`` and ``dtype``).
+      flow: a trained ``tfb.Bijector`` mapping base ``[..., d]`` to the target's
+        unconstrained ``[..., d]`` with an exact log-det.
+      kernel: ``"hmc"`` or ``"nuts"``.
+      num_adaptation_steps: steps (counted from bootstrap) during which the step
+        size, and for HMC without ``num_leapfrog_steps`` the trajectory length,
+        are adapted; both are frozen afterwards. Use the number of burn-in steps.
+      step_size: initial step size; default ``0.5 d^(-1/4)``.
+      num_leapfrog_steps: HMC only. A fixed leapfrog count, or ``None`` (default)
+        to adapt the trajectory length with ChEES (needs >= 2 chains): it starts
+        at ``init_trajectory_length`` and, once adaptation ends, stays at its
+        averaged value, each transition using a (Halton-)jittered fraction of it.
+      target_accept_prob: dual-averaging target; default 0.8 for NUTS, 0.75 for
+        HMC (the mean acceptance over chains).
+      max_tree_depth: NUTS only: at most ``2**max_tree_depth - 1`` leapfrog steps.
+      init_trajectory_length: HMC with ChEES: the starting trajectory length in
+        the whitened latent space (1 unit is about a third of a period of a
+        standard normal's oscillation).
+      max_leapfrog_steps: HMC with ChEES: a cap on leapfrog steps per transition.
+      name: a name for the ops.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        flow: tfb.Bijector,
+        *,
+        kernel: str = "hmc",
+        num_adaptation_steps: int,
+        step_size: float | None = None,
+        num_leapfrog_steps: int | None = None,
+        target_accept_prob: float | None = None,
+        max_tree_depth: int = 10,
+        init_trajectory_length: float = 1.0,
+        max_leapfrog_steps: int = 1000,
+        name: str | None = None,
+    ):
+        _check_target(target)
+        kind = _check_kernel_name(kernel)
+        num_adaptation_steps = check_positive_int(
+            num_adaptation_steps, "num_adaptation_steps", minimum=0
+        )
+        max_tree_depth = check_positive_int(max_tree_depth, "max_tree_depth")
+        max_leapfrog_steps = check_positive_int(max_leapfrog_steps, "max_leapfrog_steps")
+        if num_leapfrog_steps is not None:
+            num_leapfrog_steps = check_positive_int(num_leapfrog_steps, "num_leapfrog_steps")
+        _check_flow(flow, target)
+        d = int(target.event_size)
+        dtype = target.dtype
+        step_size = _default_step_size(d) if step_size is None else float(step_size)
+        if not (math.isfinite(step_size) and step_size > 0):
+            raise ValueError(f"step_size must be a positive finite float, got {step_size}")
+        if target_accept_prob is None:
+            target_accept_prob = _default_target_accept_prob(kind)
+        target_accept_prob = float(target_accept_prob)
+        if not 0.0 < target_accept_prob < 1.0:
+            raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob}")
+        init_trajectory_length = float(init_trajectory_length)
+        if not (math.isfinite(init_trajectory_length) and init_trajectory_length > 0):
+            raise ValueError(
+                f"init_trajectory_length must be positive, got {init_trajectory_length}"
+            )
+
+        self._parameters = dict(
+            target=target,
+            flow=flow,
+            kernel=kind,
+            num_adaptation_steps=num_adaptation_steps,
+            step_size=step_size,
+            num_leapfrog_steps=num_leapfrog_steps,
+            target_accept_prob=target_accept_prob,
+            max_tree_depth=max_tree_depth,
+            init_trajectory_length=init_trajectory_length,
+            max_leapfrog_steps=max_leapfrog_steps,
+            name=name or "neutra_kernel",
+        )
+        eps = tf.constant(step_size, dtype)
+        log_prob = target.unnormalized_log_prob
+        if kind == "nuts":
+            inner = tfp.mcmc.NoUTurnSampler(log_prob, step_size=eps, max_tree_depth=max_tree_depth)
+        elif num_leapfrog_steps is not None:
+            inner = tfp.mcmc.HamiltonianMonteCarlo(log_prob, eps, num_leapfrog_steps)
+        else:
+            inner = tfp.mcmc.HamiltonianMonteCarlo(
+                log_prob, eps, max(1, math.ceil(init_trajectory_length / step_size))
+            )
+            inner = tfp.experimental.mcmc.GradientBasedTrajectoryLengthAdaptation(
+                inner,
+                num_adaptation_steps=num_adaptation_steps,
+                max_leapfrog_steps=max_leapfrog_steps,
+            )
+        transformed = tfp.mcmc.TransformedTransitionKernel(inner, bijector=flow)
+        self._kernel = tfp.mcmc.DualAveragingStepSizeAdaptation(
+            transformed,
+            num_adaptation_steps=num_adaptation_steps,
+            target_accept_prob=tf.constant(target_accept_prob, dtype),
+        )
+        self._uses_chees = kind == "hmc" and num_leapfrog_steps is None
+
+    @property
+    def parameters(self) -> dict:
+        return self._parameters
+
+    @property
+    def target(self) -> Any:
+        return self._parameters["target"]
+
+    @property
+    def flow(self) -> tfb.Bijector:
+        return self._parameters["flow"]
+
+    @property
+    def kernel(self) -> str:
+        """``"hmc"`` or ``"nuts"``."""
+        return self._parameters["kernel"]
+
+    @property
+    def num_adaptation_steps(self) -> int:
+        return self._parameters["num_adaptation_steps"]
+
+    @property
+    def uses_chees(self) -> bool:
+        """True for HMC whose trajectory length is adapted by ChEES."""
+        return self._uses_chees
+
+    @property
+    def inner_kernel(self) -> tfp.mcmc.TransitionKernel:
+        """The TFP kernel stack this kernel delegates to (dual averaging outermost)."""
+        return self._kernel
+
+    @property
+    def is_calibrated(self) -> bool:
+        return True
+
+    def one_step(self, current_state, previous_kernel_results, seed=None):
+        """One transition; ``current_state`` is ``z`` ``[..., d]`` (its ``u`` is in the results)."""
+        with tf.name_scope(self._parameters["name"]):
+            return self._kernel.one_step(current_state, previous_kernel_results, seed=seed)
+
+    def bootstrap_results(self, init_state=None, transformed_init_state=None):
+        """Kernel results for a start at ``z = init_state`` or ``u = transformed_init_state``.
+
+        Give exactly one. ``init_state`` (``[..., d]`` in the target's
+        unconstrained space) is pulled back with ``flow.inverse``, which an IAF
+        computes sequentially; ``transformed_init_state`` (base draws ``u``) only
+        needs ``flow.forward``.
+        """
+        if (init_state is None) == (transformed_init_state is None):
+            raise ValueError("give exactly one of init_state and transformed_init_state")
+        with tf.name_scope(self._parameters["name"]):
+            dtype = self.target.dtype
+            transformed = self._kernel.inner_kernel
+            if transformed_init_state is not None:
+                u = tf.convert_to_tensor(transformed_init_state, dtype)
+                inner = transformed.bootstrap_results(transformed_init_state=u)
+            else:
+                u = None
+                inner = transformed.bootstrap_results(
+                    init_state=tf.convert_to_tensor(init_state, dtype)
+                )
+                u = inner.transformed_state
+            if self._uses_chees:
+                # ChEES starts its iterate average at 0; with no adaptation steps that
+                # would freeze the trajectory at one leapfrog step. The first adaptation
+                # step overwrites the average (its weight is 1), so this only matters then.
+                chees = inner.inner_results
+                inner = inner._replace(
+                    inner_results=chees._replace(
+                        averaged_max_trajectory_length=chees.max_trajectory_length
+                    )
+                )
+            # Dual averaging only reads shapes from the state; `u` has z's shape.
+            return self._kernel._bootstrap_from_inner_results(u, inner)
+
+    def init_chains(self, num_chains: int, *, seed: Any) -> tuple[tf.Tensor, Any]:
+        """Independent starts ``z = f(u)``, ``u ~ N(0, I)``, and their kernel results.
+
+        Returns ``(z0 [num_chains, d], kernel_results)``; ``u`` is
+        ``tf.random.stateless_normal([num_chains, d], as_seed(seed), dtype)``.
+        """
+        num_chains = check_positive_int(num_chains, "num_chains")
+        u = tf.random.stateless_normal(
+            [num_chains, int(self.target.event_size)], seed=as_seed(seed), dtype=self.target.dtype
+        )
+        results = self.bootstrap_results(transformed_init_state=u)
+        z = self.flow.forward(u)
+        return z, results
+
+
+# -- the plain baseline ---------------------------------------------------------
+
+
+class _ListState(tfp.mcmc.TransitionKernel):
+    """Presents a one-part list-state kernel (TFP's preconditioned kernels) as `[..., d]`."""
+
+    def __init__(self, inner_kernel, adaptation: str):
+        self._parameters = dict(inner_kernel=inner_kernel)
+        self.adaptation = adaptation
+
+    @property
+    def inner_kernel(self):
+        return self._parameters["inner_kernel"]
+
+    @property
+    def parameters(self):
+        return self._parameters
+
+    @property
+    def is_calibrated(self):
+        return self.inner_kernel.is_calibrated
+
+    def one_step(self, current_state, previous_kernel_results, seed=None):
+        state, results = self.inner_kernel.one_step(
+            [current_state], previous_kernel_results, seed=seed
+        )
+        return state[0], results
+
+    def bootstrap_results(self, init_state):
+        return self.inner_kernel.bootstrap_results([init_state])
+
+
+def _baseline_kernel(
+    target: Any,
+    *,
+    kind: str,
+    num_chains: int,
+    num_adaptation_steps: int,
+    step_size: float,
+    target_accept_prob: float,
+    num_leapfrog_steps: int | None,
+    max_tree_depth: int,
+) -> _ListState:
+    """TFP's windowed-adaptive NUTS/HMC on a plain log density (what Stan would run)."""
+    d = int(target.event_size)
+    dtype = target.dtype
+    state_parts = [tf.zeros([num_chains, d], dtype)]
+    momentum = preconditioning_utils.make_momentum_distribution(
+        state_parts=state_parts, batch_shape=[num_chains]
+    )
+    proposal = dict(
+        target_log_prob_fn=lambda z: target.unnormalized_log_prob(z),
+        step_size=tf.constant(step_size, dtype),
+        momentum_distribution=momentum,
+    )
+    if kind == "nuts":
+        proposal["max_tree_depth"] = max_tree_depth
+    else:
+        proposal["num_leapfrog_steps"] = num_leapfrog_steps
+    dual_averaging = dict(
+        num_adaptation_steps=num_adaptation_steps,
+        target_accept_prob=tf.constant(target_accept_prob, dtype),
+        # As TFP's windowed_adaptive_nuts: the harmonic mean over chains lets no
+        # chain's acceptance collapse while the others look fine.
+        reduce_fn=tfp.math.reduce_log_harmonic_mean_exp,
+    )
+    if num_adaptation_steps >= _MIN_WINDOWED_WARMUP:
+        variance = [
+            tfp.experimental.stats.RunningVariance.from_stats(
+                num_samples=tf.zeros([], dtype), mean=tf.zeros_like(p), variance=tf.ones_like(p)
+            )
+            for p in state_parts
+        ]
+        inner = windowed_sampling.make_windowed_adapt_kernel(
+            kind=kind,
+            proposal_kernel_kwargs=proposal,
+            dual_averaging_kwargs=dual_averaging,
+            initial_running_variance=variance,
+            chain_axis_names=None,
+            shard_axis_names=None,
+        )
+        adaptation = "windowed diagonal mass matrix + dual-averaging step size"
+    else:
+        inner = windowed_sampling.make_fast_adapt_kernel(
+            kind=kind, proposal_kernel_kwargs=proposal, dual_averaging_kwargs=dual_averaging
+        )
+        adaptation = (
+            "dual-averaging step size only (windowed mass-matrix adaptation needs "
+            f"num_warmup >= {_MIN_WINDOWED_WARMUP})"
+            if num_adaptation_steps
+            else "none"
+        )
+    return _ListState(inner, adaptation)
+
+
+# -- per-draw statistics ----------------------------------------------------------
+
+
+def _core_results(results):
+    """The innermost results: NUTS results, or HMC's Metropolis-Hastings results."""
+    while hasattr(results, "inner_results"):
+        results = results.inner_results
+    return results
+
+
+def _per_chain(x, like):
+    x = tf.nest.flatten(x)[0]
+    return tf.broadcast_to(tf.cast(x, like.dtype), tf.shape(like))
+
+
+def _kinetic_energy(momentum, results, chain_ndims):
+    parts = tf.nest.flatten(momentum)
+    distribution = unnest.get_innermost(results, "momentum_distribution", default=None)
+    if distribution is None:
+        return sum(
+            0.5 * tf.reduce_sum(tf.square(p), axis=tf.range(chain_ndims, tf.rank(p)))
+            for p in parts
+        )
+    zeros = tf.nest.map_structure(tf.zeros_like, momentum)
+    return distribution.log_prob(zeros) - distribution.log_prob(momentum)
+
+
+def _draw_stats(results) -> dict[str, tf.Tensor]:
+    """Per-chain statistics of the transition that produced `results`."""
+    core = _core_results(results)
+    if hasattr(core, "leapfrogs_taken"):  # NUTS
+        lar = core.log_accept_ratio
+        n_steps = tf.cast(core.leapfrogs_taken, tf.int32)
+        depth = tf.cast(
+            tf.floor(tf.math.log(tf.cast(tf.maximum(n_steps, 1), lar.dtype)) / math.log(2.0)),
+            tf.int32,
+        ) + tf.cast(n_steps > 0, tf.int32)
+        return dict(
+            diverging=tf.convert_to_tensor(core.has_divergence),
+            acceptance_rate=tf.where(tf.math.is_nan(lar), tf.zeros_like(lar), tf.exp(lar)),
+            step_size=_per_chain(core.step_size, lar),
+            n_steps=n_steps,
+            energy=-core.energy,
+            tree_depth=depth,
+        )
+    lar = core.log_accept_ratio
+    proposed, accepted = core.proposed_results, core.accepted_results
+    chain_ndims = tf.rank(lar)
+    kinetic_final = _kinetic_energy(proposed.final_momentum, proposed, chain_ndims)
+    kinetic_initial = _kinetic_energy(proposed.initial_momentum, proposed, chain_ndims)
+    energy = -accepted.target_log_prob + tf.where(
+        core.is_accepted, kinetic_final, kinetic_initial
+    )
+    safe = tf.where(tf.math.is_nan(lar), tf.constant(-np.inf, lar.dtype), lar)
+    return dict(
+        diverging=~(lar > -_DIVERGENCE_ENERGY),
+        acceptance_rate=tf.exp(tf.minimum(safe, 0.0)),
+        step_size=_per_chain(proposed.step_size, lar),
+        n_steps=tf.broadcast_to(tf.cast(proposed.num_leapfrog_steps, tf.int32), tf.shape(lar)),
+        energy=energy,
+    )
+
+
+# -- the compiled loop ---------------------------------------------------------------
+
+
+def _make_advance(kernel, buffer_size: int, jit_compile: bool):
+    """One compiled function `advance(state, results, seed, n)` running `n` transitions.
+
+    `n` is a tensor, so warm-up and sampling chunks of any length share one
+    compilation. The seed is carried exactly as `tfp.mcmc.sample_chain` carries
+    it (split once per step, the first half to the kernel), so chunked runs
+    reproduce one long run and `sample_chain` itself. Step `i` writes its state
+    and statistics to row `i mod buffer_size` of fixed-size buffers (static
+    shapes for XLA); the caller reads them only when `n <= buffer_size`.
+    """
+
+    @tf.function(jit_compile=jit_compile, autograph=False)
+    def advance(state, results, seed, num_steps):
+        stats0 = _draw_stats(results)
+        buffers = dict(
+            z=tf.zeros([buffer_size] + state.shape.as_list(), state.dtype),
+            **{k: tf.zeros([buffer_size] + v.shape.as_list(), v.dtype) for k, v in stats0.items()},
+        )
+        zero = tf.zeros([], tf.int64)
+
+        def body(i, state, results, seed, grads, divs, buffers):
+            step_seed, seed = tf.unstack(tfp.random.split_seed(seed, n=2))
+            state, results = kernel.one_step(state, results, seed=step_seed)
+            stats = _draw_stats(results)
+            grads += tf.reduce_sum(tf.cast(stats["n_steps"], tf.int64))
+            divs += tf.reduce_sum(tf.cast(stats["diverging"], tf.int64))
+            index = [[tf.math.floormod(i, buffer_size)]]
+            values = dict(z=state, **stats)
+            buffers = {
+                k: tf.tensor_scatter_nd_update(buffers[k], index, values[k][tf.newaxis])
+                for k in buffers
+            }
+            return i + 1, state, results, seed, grads, divs, buffers
+
+        _, state, results, seed, grads, divs, buffers = tf.while_loop(
+            lambda i, *_: i < num_steps,
+            body,
+            (tf.zeros([], tf.int32), state, results, seed, zero, zero, buffers),
+        )
+        return state, results, seed, grads, divs, buffers
+
+    return advance
+
+
+# Compiling the loop costs seconds (NUTS inside a flow: ~5-20 s on a laptop CPU),
+# so repeated `sample` calls with the same target, flow and settings (another
+# seed, a longer run) reuse the kernel and its compiled loop. Entries hold the
+# target and flow alive, which keeps their ids in the keys unambiguous.
+_CACHE_SIZE = 4
+_CACHE: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+
+
+def _cache_entry(key: tuple) -> dict[str, Any] | None:
+    entry = _CACHE.get(key)
+    if entry is not None:
+        _CACHE.move_to_end(key)
+    return entry
+
+
+def _cached_kernel(key: tuple, build) -> tfp.mcmc.TransitionKernel:
+    entry = _cache_entry(key)
+    if entry is None:
+        entry = dict(kernel=build(), advance={})
+        _CACHE[key] = entry
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return entry["kernel"]
+
+
+def _cached_advance(key: tuple, kernel) -> Any:
+    *kernel_key, buffer_size, jit_compile = key
+    entry = _cache_entry(tuple(kernel_key))
+    if entry is None or entry["kernel"] is not kernel:
+        return _make_advance(kernel, buffer_size, jit_compile)
+    if (buffer_size, jit_compile) not in entry["advance"]:
+        entry["advance"][(buffer_size, jit_compile)] = _make_advance(
+            kernel, buffer_size, jit_compile
+        )
+    return entry["advance"][(buffer_size, jit_compile)]
+
+
+def _chunks(total: int, size: int) -> list[int]:
+    return [min(size, total - start) for start in range(0, total, size)] if total else []
+
+
+# -- the driver -------------------------------------------------------------------
+
+
+def _as_flow(flow: Any) -> tuple[tfb.Bijector | None, float | None]:
+    if flow is None:
+        return None, None
+    if hasattr(flow, "flow") and hasattr(flow, "wall_time"):
+        return flow.flow, float(flow.wall_time)
+    return flow, None
+
+
+def _check_start(target: Any, z: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(z)):
+        bad = int(np.argmax(~np.all(np.isfinite(z), axis=-1)))
+        raise ValueError(f"{what}: chain {bad} starts at a non-finite point {z[bad].tolist()}")
+    lp = np.asarray(target.unnormalized_log_prob(z))
+    if not np.all(np.isfinite(lp)):
+        bad = int(np.argmax(~np.isfinite(lp)))
+        raise ValueError(
+            f"{what}: the target's log density is {lp[bad]} at the starting point of chain "
+            f"{bad}, z = {np.array2string(z[bad], precision=4, threshold=12)}; every chain must "
+            "start where the density is finite"
+        )
+
+
+def _ground_truth_json(target: Any) -> str | None:
+    mean = getattr(target, "ground_truth_mean", None)
+    std = getattr(target, "ground_truth_std", None)
+    if mean is None and std is None:
+        return None
+
+    def listify(d):
+        return None if d is None else {k: np.asarray(v, np.float64).tolist() for k, v in d.items()}
+
+    return json.dumps({"mean": listify(mean), "std": listify(std)})
+
+
+def sample(
+    target: Any,
+    flow: Any = None,
+    *,
+    kernel: str = "nuts",
+    num_chains: int = 4,
+    num_warmup: int = 1000,
+    num_samples: int = 1000,
+    seed: Any,
+    step_size: float | None = None,
+    target_accept_prob: float | None = None,
+    num_leapfrog_steps: int | None = None,
+    max_tree_depth: int = 10,
+    init_state: Any = None,
+    progress: bool = True,
+    jit_compile: bool = True,
+) -> az.InferenceData:
+    """Samples ``target`` with NeuTra (given a ``flow``) or with the plain baseline.
+
+    Args:
+      target: a :class:`neutra_flows.Target` (``d = target.event_size``).
+      flow: a trained flow (``tfb.Bijector``, base ``[..., d]`` to unconstrained
+        ``[..., d]``), a ``FitResult`` (its ``.flow`` and ``.wall_time`` are used),
+        or ``None`` for the baseline: TFP's preconditioned NUTS/HMC with
+        Stan-style windowed adaptation of a diagonal mass matrix and the step
+        size (only the step size when ``num_warmup < 20``).
+      kernel: ``"nuts"`` or ``"hmc"``.
+      num_chains: chains, run vectorised. ChEES (HMC without
+        ``num_leapfrog_steps``) needs at least 2.
+      num_warmup: adaptation steps, discarded.
+      num_samples: draws kept per chain.
+      seed: an int or a stateless seed; same seed, same draws (for a given
+        ``jit_compile``: XLA's stateless random numbers differ from graph mode's).
+      step_size: initial step size (default ``0.5 d^(-1/4)``), adapted during warm-up.
+      target_accept_prob: dual-averaging target (default 0.8 NUTS, 0.75 HMC).
+      num_leapfrog_steps: HMC only. ``None``: NeuTra adapts the trajectory length
+        with ChEES (see :class:`NeuTraKernel`); the baseline HMC needs a count.
+      max_tree_depth: NUTS only.
+      init_state: optional ``[num_chains, d]`` starts in the target's
+        unconstrained space. Default: NeuTra pushes independent base draws
+        ``u ~ N(0, I)`` through the flow (no inverse); the baseline draws
+        ``Uniform(-2, 2)^d`` like Stan. NeuTra pulls a given ``init_state`` back
+        with ``flow.inverse`` once.
+      progress: a tqdm bar over chunks of the compiled loop.
+      jit_compile: XLA-compile the loop (``tf.function(jit_compile=True)``).
+
+    Returns:
+      ``arviz.InferenceData`` with ``posterior``, ``sample_stats`` and attrs as
+      described in the module docstring.
+
+    Raises:
+      ValueError: on a bad argument, a flow whose event size differs from the
+        target's, or a start (given or drawn) where the point or the target's
+        log density is not finite.
+
+    The seed is used as ``init_seed, run_seed = split_seed(seed)``: the starts come
+    from ``init_seed`` (``NeuTraKernel.init_chains(num_chains, seed=init_seed)``
+    for NeuTra) and the transitions consume ``run_seed`` exactly as
+    ``tfp.mcmc.sample_chain(num_samples, ..., num_burnin_steps=num_warmup,
+    seed=run_seed)`` would with a ``NeuTraKernel(num_adaptation_steps=num_warmup)``.
+    """
+    _check_target(target)
+    kind = _check_kernel_name(kernel)
+    num_chains = check_positive_int(num_chains, "num_chains")
+    num_warmup = check_positive_int(num_warmup, "num_warmup", minimum=0)
+    num_samples = check_positive_int(num_samples, "num_samples")
+    max_tree_depth = check_positive_int(max_tree_depth, "max_tree_depth")
+    if num_leapfrog_steps is not None:
+        num_leapfrog_steps = check_positive_int(num_leapfrog_steps, "num_leapfrog_steps")
+    if seed is None:
+        raise ValueError("sample needs a seed (an int or a pair of ints)")
+    seed_tensor = as_seed(seed)
+    bijector, training_time = _as_flow(flow)
+    d = int(target.event_size)
+    dtype = target.dtype
+    if target_accept_prob is None:
+        target_accept_prob = _default_target_accept_prob(kind)
+    init_seed, run_seed = split_seed(seed_tensor)
+    # Everything the compiled graph bakes in; the objects themselves are held by
+    # the cache, so their ids stay unique while the entry lives.
+    cache_key = (
+        id(target),
+        None if bijector is None else id(bijector),
+        kind,
+        num_chains,
+        num_warmup,
+        step_size,
+        float(target_accept_prob),
+        num_leapfrog_steps,
+        max_tree_depth,
+    )
+
+    if init_state is not None:
+        z_given = np.asarray(init_state, dtype=dtype.as_numpy_dtype)
+        if z_given.shape != (num_chains, d):
+            raise ValueError(
+                f"init_state must have shape [num_chains, d] = [{num_chains}, {d}], "
+                f"got {z_given.shape}"
+            )
+        _check_start(target, z_given, "init_state")
+
+    if bijector is not None:
+        if kind == "hmc" and num_leapfrog_steps is None and num_chains < 2:
+            raise ValueError(
+                "HMC with an adapted trajectory length (ChEES) needs num_chains >= 2; "
+                "pass num_leapfrog_steps or use kernel='nuts'"
+            )
+        mcmc_kernel = _cached_kernel(
+            cache_key,
+            lambda: NeuTraKernel(
+                target,
+                bijector,
+                kernel=kind,
+                num_adaptation_steps=num_warmup,
+                step_size=step_size,
+                num_leapfrog_steps=num_leapfrog_steps,
+                target_accept_prob=target_accept_prob,
+                max_tree_depth=max_tree_depth,
+            ),
+        )
+        if init_state is None:
+            z0, results = mcmc_kernel.init_chains(num_chains, seed=init_seed)
+        else:
+            z0 = tf.constant(z_given)
+            results = mcmc_kernel.bootstrap_results(init_state=z0)
+        adaptation = "dual-averaging step size" + (
+            " + ChEES trajectory length" if mcmc_kernel.uses_chees else ""
+        )
+        sampler = f"NeuTra-{kind.upper()}"
+        flow_name = _flow_name(bijector)
+    else:
+        if kind == "hmc" and num_leapfrog_steps is None:
+            raise ValueError(
+                "the baseline HMC (flow=None) needs num_leapfrog_steps; or use kernel='nuts'"
+            )
+        mcmc_kernel = _cached_kernel(
+            cache_key,
+            lambda: _baseline_kernel(
+                target,
+                kind=kind,
+                num_chains=num_chains,
+                num_adaptation_steps=num_warmup,
+                step_size=_default_step_size(d) if step_size is None else float(step_size),
+                target_accept_prob=float(target_accept_prob),
+                num_leapfrog_steps=num_leapfrog_steps,
+                max_tree_depth=max_tree_depth,
+            ),
+        )
+        adaptation = mcmc_kernel.adaptation
+        if init_state is None:
+            z0 = tf.random.stateless_uniform(
+                [num_chains, d], seed=init_seed, minval=-2.0, maxval=2.0, dtype=dtype
+            )
+        else:
+            z0 = tf.constant(z_given)
+        results = mcmc_kernel.bootstrap_results(z0)
+        sampler = kind.upper()
+        flow_name = "none"
+
+    _check_start(target, z0.numpy(), "starting draws")
+    # What the sampler itself sees: for NeuTra the pulled-back density, which also
+    # fails when the flow's log-det does.
+    sampler_lp = unnest.get_innermost(results, "target_log_prob").numpy()
+    if not np.all(np.isfinite(sampler_lp)):
+        bad = int(np.argmax(~np.isfinite(sampler_lp)))
+        raise ValueError(
+            f"the sampler's log density is {sampler_lp[bad]} at the start of chain {bad} "
+            "(for NeuTra: log p(f(u)) + log|det f'(u)|; check the flow's log-det)"
+        )
+    grads0 = tf.nest.flatten(unnest.get_innermost(results, "grads_target_log_prob"))
+    if not all(np.all(np.isfinite(g.numpy())) for g in grads0):
+        raise ValueError("the gradient of the log density is not finite at the starting draws")
+
+    # Always 20 chunks (a few ms of dispatch each), so the bar never changes the
+    # compiled function: progress on or off, same compiled loop, same draws.
+    n_chunks = 20
+    warm_chunks = _chunks(num_warmup, max(1, math.ceil(num_warmup / n_chunks)))
+    sample_size = max(1, math.ceil(num_samples / n_chunks))
+    sample_chunks = _chunks(num_samples, sample_size)
+    advance = _cached_advance(cache_key + (sample_size, bool(jit_compile)), mcmc_kernel)
+    loop_seed = tfp.random.sanitize_seed(run_seed, salt=_SAMPLE_CHAIN_SALT)
+
+    start = time.perf_counter()
+    # Compiles (and runs zero steps) so compile time stays out of the phases' times.
+    advance(z0, results, loop_seed, tf.constant(0, tf.int32))
+    compile_time = time.perf_counter() - start
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_warmup + num_samples, desc=f"{sampler} warm-up", unit="step")
+    state = z0
+    grads_warmup = divs_warmup = 0
+    start = time.perf_counter()
+    for n in warm_chunks:
+        state, results, loop_seed, g, v, _ = advance(
+            state, results, loop_seed, tf.constant(n, tf.int32)
+        )
+        grads_warmup += int(g)
+        divs_warmup += int(v)
+        if bar is not None:
+            bar.update(n)
+    warmup_time = time.perf_counter() - start
+
+    if bar is not None:
+        bar.set_description(f"{sampler} sampling")
+    pieces: list[dict[str, np.ndarray]] = []
+    grads_sampling = divs_sampling = 0
+    start = time.perf_counter()
+    for n in sample_chunks:
+        state, results, loop_seed, g, v, buffers = advance(
+            state, results, loop_seed, tf.constant(n, tf.int32)
+        )
+        grads_sampling += int(g)
+        divs_sampling += int(v)
+        pieces.append({k: b.numpy()[:n] for k, b in buffers.items()})
+        if bar is not None:
+            bar.update(n)
+    sampling_time = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+
+    # [draw, chain, ...] -> [chain, draw, ...] as ArviZ wants.
+    trace = {k: np.swapaxes(np.concatenate([p[k] for p in pieces]), 0, 1) for k in pieces[0]}
+    z = trace.pop("z")
+    lp = target.unnormalized_log_prob(z.reshape(-1, d)).numpy().reshape(z.shape[:2])
+    stats = dict(trace, lp=lp)
+    stats["n_steps"] = stats["n_steps"].astype(np.int64)
+    if "tree_depth" in stats:
+        stats["tree_depth"] = stats["tree_depth"].astype(np.int64)
+
+    final_step = float(np.asarray(stats["step_size"])[:, -1].mean())
+    if bijector is not None and mcmc_kernel.uses_chees:
+        trajectory = float(unnest.get_innermost(results, "averaged_max_trajectory_length"))
+    elif kind == "hmc":
+        trajectory = float(num_leapfrog_steps) * final_step
+    else:
+        trajectory = float("nan")
+    attrs: dict[str, Any] = dict(
+        sampler=sampler,
+        kernel=kind,
+        flow=flow_name,
+        target=str(getattr(target, "name", "target")),
+        dtype=dtype.name,
+        num_chains=num_chains,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        seed=str(seed) if not isinstance(seed, (int, np.integer)) else int(seed),
+        compile_time=compile_time,
+        warmup_time=warmup_time,
+        sampling_time=sampling_time,
+        num_grad_evals_warmup=grads_warmup,
+        num_grad_evals_sampling=grads_sampling,
+        num_divergences_warmup=divs_warmup,
+        num_divergences_sampling=divs_sampling,
+        step_size=final_step,
+        target_accept_prob=float(target_accept_prob),
+        trajectory_length=trajectory,
+        mean_leapfrog_steps=float(stats["n_steps"].mean()),
+        adaptation=adaptation,
+        jit_compile=int(bool(jit_compile)),
+    )
+    if kind == "nuts":
+        attrs["max_tree_depth"] = max_tree_depth
+    if training_time is not None:
+        attrs["flow_training_time"] = training_time
+    truth = _ground_truth_json(target)
+    if truth is not None:
+        attrs["ground_truth"] = truth
+
+    if divs_sampling:
+        warnings.warn(
+            f"{sampler} on {attrs['target']}: {divs_sampling} of {num_chains * num_samples} "
+            f"post-warm-up transitions diverged ({divs_sampling / (num_chains * num_samples):.1%});"
+            " the draws may be biased. Train the flow longer, use NUTS, or raise "
+            "target_accept_prob.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    posterior = target.named_draws(z)
+    idata = az.from_dict(posterior=posterior, sample_stats=stats)
+    for group in (idata.posterior, idata.sample_stats):
+        group.attrs.update(attrs)
+    return idata

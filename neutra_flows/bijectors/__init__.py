@@ -1,1 +1,43 @@
-"""PLACEHOLDER: flow bijector classes (replace)."""
+"""Flow bijectors: real TFP bijectors with trainable, injected conditioner networks.
+
+Every class here has ``forward_min_event_ndims == 1``, accepts any batch shape
+``[..., d]``, works in float32 and float64, and drops into
+`tfd.TransformedDistribution`, `tfb.Chain` and TFP's transition kernels.
+`neutra_flows.make_flow` builds ready-made stacks of them (`Flow`).
+
+* `IAF`, `MAF`: autoregressive flows (any transformer; affine by default).
+* `Coupling`, `RealNVP`: coupling flows.
+* `NeuralSplineFlow`, `RationalQuadraticTransformer`: rational-quadratic splines
+  inside a coupling or an autoregressive layer.
+* `AffineDiagonal`, `AffineLowerTriangular`, `Identity`: baselines;
+  `AffineTransformer`: the elementwise affine map of MAF/IAF/RealNVP.
+* `Transformer`: base class of the elementwise maps that flow layers condition.
+* `Flow`: the stack that `make_flow` returns.
+"""
+
+from neutra_flows.bijectors._core import Transformer
+from neutra_flows.bijectors._flow import Flow
+from neutra_flows.bijectors.affine import (
+    AffineDiagonal,
+    AffineLowerTriangular,
+    AffineTransformer,
+    Identity,
+)
+from neutra_flows.bijectors.autoregressive import IAF, MAF
+from neutra_flows.bijectors.coupling import Coupling, RealNVP
+from neutra_flows.bijectors.spline import NeuralSplineFlow, RationalQuadraticTransformer
+
+__all__ = [
+    "IAF",
+    "MAF",
+    "AffineDiagonal",
+    "AffineLowerTriangular",
+    "AffineTransformer",
+    "Coupling",
+    "Flow",
+    "Identity",
+    "NeuralSplineFlow",
+    "RationalQuadraticTransformer",
+    "RealNVP",
+    "Transformer",
+]

@@ -1,0 +1,7 @@
+"""``python -m neutra_flows``: the same as the ``neutra-flows`` command."""
+
+import sys
+
+from neutra_flows.cli import main
+
+sys.exit(main())

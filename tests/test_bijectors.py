@@ -1,0 +1,393 @@
+"""Property tests of every registered flow, driven by one registry (`FLOWS`).
+
+Flows under test are *randomly perturbed* (every variable set to small random
+values from a fixed NumPy seed) so that they are far from the identity they
+start as; round trips of an identity map would prove nothing. Every inverse
+call gets a fresh tensor (`tf.identity`) so TFP's bijector cache cannot answer
+it. Built flows are cached per (name, event size, dtype) to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from neutra_flows import bijectors as nfb
+from neutra_flows.flows import FLOW_NAMES, make_flow
+from neutra_flows.nn import MADE, MLP
+
+tfb = tfp.bijectors
+tfd = tfp.distributions
+
+SMALL = {"num_layers": 2, "hidden_units": [8, 8]}
+# One line per flow: the options that keep it small (a new flow costs one entry).
+FLOWS: dict[str, dict] = {
+    "iaf": SMALL,
+    "maf": SMALL,
+    "realnvp": SMALL,
+    "nsf": {**SMALL, "num_bins": 4, "bound": 3.0},
+    "nsf_ar": {**SMALL, "num_bins": 4, "bound": 3.0},
+    "affine_diag": {},
+    "affine_tril": {},
+    "identity": {},
+}
+NAMES = list(FLOWS)
+SIZES = [1, 2, 5, 16]
+BATCH_SHAPES = [(), (7,), (3, 4)]
+TOL = {tf.float32: dict(rtol=1e-4, atol=1e-4), tf.float64: dict(rtol=1e-9, atol=1e-9)}
+PERTURB_SCALE = 0.3
+
+
+@functools.cache
+def fresh_flow(name: str, event_size: int, dtype: tf.DType = tf.float32):
+    return make_flow(name, event_size, dtype=dtype, **FLOWS[name])
+
+
+@functools.cache
+def perturbed_flow(name: str, event_size: int, dtype: tf.DType = tf.float32):
+    flow = make_flow(name, event_size, dtype=dtype, **FLOWS[name])
+    rng = np.random.default_rng(1234)
+    for var in flow.variables:
+        var.assign(rng.normal(scale=PERTURB_SCALE, size=var.shape).astype(var.dtype.as_numpy_dtype))
+    return flow
+
+
+def draw(shape, dtype, *, seed=0, scale=2.0, clip=5.0):
+    rng = np.random.default_rng(seed)
+    return tf.constant(np.clip(scale * rng.normal(size=shape), -clip, clip), dtype)
+
+
+def tiled_jacobian(fn, x):
+    """``J[n, i, j] = d fn(x)[n, i] / d x[n, j]`` with one GradientTape pass.
+
+    Each example is repeated ``d`` times and copy ``i`` back-propagates the
+    unit vector ``e_i``, so one reverse pass yields every row of every
+    per-example Jacobian (what `batch_jacobian` computes with ``d`` passes).
+    """
+    n, d = x.shape
+    tiled = tf.repeat(x, d, axis=0)
+    eye = tf.tile(tf.eye(d, dtype=x.dtype), [n, 1])
+    with tf.GradientTape() as tape:
+        tape.watch(tiled)
+        y = fn(tiled)
+    return tf.reshape(tape.gradient(y, tiled, output_gradients=eye), [n, d, d])
+
+
+def test_the_issue_2_flows_are_registered():
+    # The flows added later (naf, bnaf, ...) are covered by tests/test_more_flows.py.
+    assert set(FLOWS) <= set(FLOW_NAMES)
+
+
+# ------------------------------------------------------------------ round trips
+
+
+# float32 at every batch shape; float64 (the tight tolerance) at the richest one.
+ROUND_TRIP_CASES = [(shape, tf.float32) for shape in BATCH_SHAPES] + [((3, 4), tf.float64)]
+
+
+@pytest.mark.parametrize("batch_shape,dtype", ROUND_TRIP_CASES, ids=lambda v: getattr(v, "name", str(v)))
+@pytest.mark.parametrize("event_size", SIZES)
+@pytest.mark.parametrize("name", NAMES)
+def test_round_trip_and_log_det_signs(name, event_size, batch_shape, dtype):
+    flow = perturbed_flow(name, event_size, dtype)
+    tol = TOL[dtype]
+    x = draw((*batch_shape, event_size), dtype, seed=event_size)
+
+    y = flow.forward(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    np.testing.assert_allclose(flow.inverse(tf.identity(y)), x, **tol)
+
+    # The other way round, from a point of the output space.
+    y2 = draw((*batch_shape, event_size), dtype, seed=100 + event_size)
+    x2 = flow.inverse(y2)
+    np.testing.assert_allclose(flow.forward(tf.identity(x2)), y2, **tol)
+
+    fldj = flow.forward_log_det_jacobian(tf.identity(x), event_ndims=1)
+    assert fldj.shape == batch_shape and np.all(np.isfinite(fldj))
+    # Same y2 object: a flow whose inverse log-det *is* -fldj(inverse(y)) may
+    # reuse the inverse just computed; the others compute it on their own.
+    ildj = flow.inverse_log_det_jacobian(y2, event_ndims=1)
+    assert ildj.shape == batch_shape
+    np.testing.assert_allclose(ildj, -flow.forward_log_det_jacobian(tf.identity(x2), event_ndims=1), **tol)
+
+    if name != "identity":
+        # A perturbed flow must really move points, or the checks above are void.
+        assert np.max(np.abs(y - x)) > 1e-3
+
+
+@pytest.mark.parametrize("event_size", SIZES)
+@pytest.mark.parametrize("name", NAMES)
+def test_finite_and_invertible_far_in_the_tails(name, event_size):
+    flow = perturbed_flow(name, event_size, tf.float32)
+    signs = np.where(np.random.default_rng(3).random((7, event_size)) < 0.5, -1.0, 1.0)
+    x = tf.constant(50.0 * signs, tf.float32)
+    y = flow.forward(x)
+    fldj = flow.forward_log_det_jacobian(tf.identity(x), event_ndims=1)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(fldj))
+    # float32 keeps ~7 digits of the large intermediate values: 1e-3 relative.
+    np.testing.assert_allclose(flow.inverse(tf.identity(y)), x, rtol=1e-3, atol=5e-2)
+
+
+# ------------------------------------------------------------------ log-dets
+
+
+def test_tiled_jacobian_matches_batch_jacobian():
+    flow = perturbed_flow("maf", 5, tf.float64)
+    x = draw((4, 5), tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = flow.forward(tf.identity(x))
+    expected = tape.batch_jacobian(y, x, experimental_use_pfor=False)
+    np.testing.assert_allclose(tiled_jacobian(flow.forward, x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("event_size", SIZES)
+@pytest.mark.parametrize("name", NAMES)
+def test_log_det_matches_autodiff_jacobian(name, event_size):
+    flow = perturbed_flow(name, event_size, tf.float64)
+    x = draw((12, event_size), tf.float64, seed=7)
+    jac = tiled_jacobian(flow.forward, x)
+    _, expected = np.linalg.slogdet(jac.numpy())
+    fldj = flow.forward_log_det_jacobian(tf.identity(x), event_ndims=1)
+    np.testing.assert_allclose(fldj, expected, rtol=1e-8, atol=1e-8)
+    ildj = flow.inverse_log_det_jacobian(flow.forward(tf.identity(x)), event_ndims=1)
+    np.testing.assert_allclose(ildj, -expected, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["iaf", "maf", "nsf_ar"])
+def test_autoregressive_jacobian_is_triangular(name):
+    flow = perturbed_flow(name, 5, tf.float64)
+    layer = flow.layers[0]
+    jac = tiled_jacobian(layer.forward, draw((3, 5), tf.float64)).numpy()
+    np.testing.assert_array_equal(np.triu(jac, k=1), 0.0)
+    assert np.max(np.abs(np.tril(jac, k=-1))) > 1e-6
+
+
+# ------------------------------------------------------------------ gradients
+
+
+@pytest.mark.parametrize("event_size", SIZES)
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_exist_and_are_finite(name, event_size):
+    flow = perturbed_flow(name, event_size, tf.float32)
+    x = draw((3, 4, event_size), tf.float32, seed=11)
+    far = tf.constant(50.0 * np.sign(np.arange(event_size) - 0.5), tf.float32)[tf.newaxis]
+    points = tf.concat([tf.reshape(x, [-1, event_size]), far, -far], axis=0)
+    with tf.GradientTape() as tape:
+        tape.watch(points)
+        y = flow.forward(points)
+        # The same tensor twice: IAF's inverse log-det may reuse the inverse.
+        image = tf.identity(points)
+        u = flow.inverse(image)
+        loss = (
+            tf.reduce_sum(y**2)
+            + tf.reduce_sum(u**2)
+            + tf.reduce_sum(flow.forward_log_det_jacobian(tf.identity(points), event_ndims=1))
+            + tf.reduce_sum(flow.inverse_log_det_jacobian(image, event_ndims=1))
+        )
+    variables = flow.trainable_variables
+    grads = tape.gradient(loss, [points, *variables])
+    if name != "identity":
+        assert len(variables) > 0
+    for var, grad in zip([points, *variables], grads, strict=True):
+        assert grad is not None, f"no gradient for {getattr(var, 'name', 'inputs')}"
+        assert np.all(np.isfinite(grad)), f"non-finite gradient for {getattr(var, 'name', 'inputs')}"
+
+
+# ------------------------------------------------------------------ compiled modes
+
+
+def _all_directions(flow):
+    def fn(x):
+        return (
+            flow.forward(x),
+            flow.forward_log_det_jacobian(x, event_ndims=1),
+            flow.inverse(x),
+            flow.inverse_log_det_jacobian(x, event_ndims=1),
+        )
+
+    return fn
+
+
+# Tracing and XLA-compiling cost seconds per flow, so this runs at one batch
+# shape, for every flow at d = 5 and, where d = 1 is a special case (empty
+# coupling input, constant MADE output), at d = 1 too.
+XLA_CASES = [(name, 5) for name in NAMES] + [("iaf", 1), ("realnvp", 1), ("nsf", 1)]
+
+
+@pytest.mark.parametrize("name,event_size", XLA_CASES)
+def test_eager_function_and_xla_agree(name, event_size):
+    flow = perturbed_flow(name, event_size, tf.float32)
+    x = draw((3, 4, event_size), tf.float32, seed=5)
+    fn = _all_directions(flow)
+    eager = fn(x)
+    graph = tf.function(fn, autograph=False)(tf.identity(x))
+    xla = tf.function(fn, autograph=False, jit_compile=True)(tf.identity(x))
+    for e, g, c in zip(eager, graph, xla, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(c, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["iaf", "maf"])
+def test_xla_gradients_through_the_sequential_direction(name):
+    flow = perturbed_flow(name, 5, tf.float32)
+    # IAF's inverse and MAF's forward are the d-step loops.
+    step = flow.inverse if name == "iaf" else flow.forward
+    x = draw((6, 5), tf.float32, seed=9)
+
+    def grads(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(step(x) ** 2)
+        return tape.gradient(loss, flow.trainable_variables)
+
+    eager = grads(x)
+    xla = tf.function(grads, autograph=False, jit_compile=True)(tf.identity(x))
+    for e, c in zip(eager, xla, strict=True):
+        np.testing.assert_allclose(c, e, rtol=1e-4, atol=1e-5)
+    assert any(np.max(np.abs(e)) > 0 for e in eager)
+
+
+# ------------------------------------------------------------------ initialisation
+
+
+@pytest.mark.parametrize("event_size", SIZES)
+@pytest.mark.parametrize("name", NAMES)
+def test_untrained_flow_is_the_identity_and_can_learn(name, event_size):
+    flow = fresh_flow(name, event_size, tf.float32)
+    x = draw((7, event_size), tf.float32, seed=2)
+    with tf.GradientTape() as tape:
+        y = flow.forward(x)
+        fldj = flow.forward_log_det_jacobian(tf.identity(x), event_ndims=1)
+        loss = tf.reduce_sum((y - 1.0) ** 2) - tf.reduce_sum(fldj)
+    np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(flow.inverse(tf.identity(x)), x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fldj, np.zeros(7), atol=1e-6)
+    if name != "identity":
+        # Zero output layers must not be a dead point for training.
+        grads = tape.gradient(loss, flow.trainable_variables)
+        assert max(float(tf.reduce_max(tf.abs(g))) for g in grads if g is not None) > 1e-3
+
+
+# ------------------------------------------------------------------ pieces
+
+
+@pytest.mark.parametrize("event_size,hidden", [(1, [4]), (5, [8, 8]), (6, [3])])
+def test_made_is_autoregressive(event_size, hidden):
+    made = MADE(event_size, 3, hidden_units=hidden, dtype=tf.float64)
+    rng = np.random.default_rng(0)
+    for var in made.trainable_variables:
+        var.assign(rng.normal(size=var.shape))
+    x = draw((4, event_size), tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = made(x)
+    assert out.shape == (4, event_size, 3)
+    flat = tf.reshape(out, [4, -1])
+    jac = tape.batch_jacobian(flat, x, experimental_use_pfor=False).numpy()
+    jac = jac.reshape(4, event_size, 3, event_size)
+    for i in range(event_size):
+        # Row i may depend on x[:i] only.
+        np.testing.assert_array_equal(jac[:, i, :, i:], 0.0)
+    if event_size > 1:
+        assert np.max(np.abs(jac)) > 1e-6
+
+
+def test_mlp_with_empty_input_is_a_learned_constant():
+    mlp = MLP(0, (1, 2), hidden_units=[8], dtype=tf.float32)
+    assert [tuple(v.shape) for v in mlp.trainable_variables] == [(2,)]
+    mlp.trainable_variables[0].assign([0.5, -1.0])
+    out = mlp(tf.zeros([3, 4, 0]))
+    assert out.shape == (3, 4, 1, 2)
+    np.testing.assert_allclose(out[..., 0, :], np.broadcast_to([0.5, -1.0], (3, 4, 2)))
+
+
+def test_spline_tails_are_identity_with_finite_gradients():
+    transformer = nfb.RationalQuadraticTransformer(num_bins=5, bound=2.0)
+    rng = np.random.default_rng(0)
+    params = tf.Variable(rng.normal(size=(8, transformer.num_params)))
+    x = tf.constant([-1e30, -50.0, -2.0, -1.0, 0.3, 2.0, 50.0, 1e30], tf.float64)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        spline = transformer(params)
+        y = spline.forward(x)
+        ldj = spline.forward_log_det_jacobian(x, event_ndims=0)
+        x_back = spline.inverse(tf.identity(x))
+    outside = np.abs(x.numpy()) >= 2.0
+    np.testing.assert_array_equal(y.numpy()[outside], x.numpy()[outside])
+    np.testing.assert_array_equal(ldj.numpy()[outside], 0.0)
+    np.testing.assert_array_equal(x_back.numpy()[outside], x.numpy()[outside])
+    assert np.all(np.abs(y.numpy()[~outside] - x.numpy()[~outside]) > 1e-6)
+    for target in (y, ldj, x_back):
+        for grad in tape.gradient(target, [x, params]):
+            assert np.all(np.isfinite(grad))
+    # Continuity at the edges of the interval.
+    edge = tf.constant([-2.0 + 1e-9, 2.0 - 1e-9], tf.float64)
+    np.testing.assert_allclose(transformer(params[:2]).forward(edge), edge, atol=1e-7)
+
+
+def test_spline_matches_tfp_rational_quadratic_spline():
+    transformer = nfb.RationalQuadraticTransformer(num_bins=6, bound=3.0)
+    params = tf.constant(np.random.default_rng(1).normal(size=(9, transformer.num_params)))
+    ours = transformer(params)
+    k = transformer.num_bins
+    span = 2 * 3.0 - k * transformer.min_bin_size
+    reference = tfb.RationalQuadraticSpline(
+        bin_widths=transformer.min_bin_size + span * tf.math.softmax(params[:, :k]),
+        bin_heights=transformer.min_bin_size + span * tf.math.softmax(params[:, k : 2 * k]),
+        knot_slopes=transformer.min_slope
+        + tf.math.softplus(params[:, 2 * k :] + np.log(np.expm1(1 - transformer.min_slope))),
+        range_min=-3.0,
+    )
+    x = tf.constant(np.linspace(-2.9, 2.9, 9), tf.float64)
+    np.testing.assert_allclose(ours.forward(x), reference.forward(x), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(ours.inverse(x), reference.inverse(x), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        ours.forward_log_det_jacobian(x, 0),
+        reference.forward_log_det_jacobian(x, 0),
+        rtol=1e-10,
+        atol=1e-10,
+    )
+
+
+def test_affine_lower_triangular_matches_its_matrix():
+    d = 4
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=d * (d + 1) // 2)
+    shift = rng.normal(size=d)
+    bij = nfb.AffineLowerTriangular(tf.constant(shift), tf.constant(raw))
+    scale = bij.scale_tril.numpy()
+    assert np.allclose(scale, np.tril(scale)) and np.all(np.diag(scale) > 0)
+    x = rng.normal(size=(3, d))
+    np.testing.assert_allclose(bij.forward(x), x @ scale.T + shift, rtol=1e-12)
+    np.testing.assert_allclose(
+        bij.forward_log_det_jacobian(x, event_ndims=1),
+        np.full(3, np.log(np.abs(np.linalg.det(scale)))),
+        rtol=1e-10,
+    )
+
+
+# ------------------------------------------------------------------ TFP citizenship
+
+
+@pytest.mark.parametrize("name", ["iaf", "nsf"])
+def test_flow_works_inside_tfp_distributions_and_chains(name):
+    flow = perturbed_flow(name, 3, tf.float64)
+    base = tfd.MultivariateNormalDiag(loc=tf.zeros(3, tf.float64))
+    dist = tfd.TransformedDistribution(base, flow)
+    u = draw((5, 3), tf.float64, seed=4)
+    z = flow.forward(u)
+    expected = base.log_prob(u) - flow.forward_log_det_jacobian(tf.identity(u), event_ndims=1)
+    np.testing.assert_allclose(dist.log_prob(tf.identity(z)), expected, rtol=1e-9, atol=1e-9)
+    assert dist.sample(4, seed=[1, 2]).shape == (4, 3)
+    chain = tfb.Chain([tfb.Shift(tf.constant(1.0, tf.float64)), flow])
+    np.testing.assert_allclose(chain.forward(u), z + 1.0, rtol=1e-12)
+
+
+def test_layers_reject_the_wrong_event_size():
+    flow = fresh_flow("iaf", 3)
+    with pytest.raises(ValueError, match="event size 3"):
+        flow.forward(tf.zeros([2, 4]))

@@ -1,0 +1,135 @@
+"""The neutra-flows command and the benchmark pipeline behind it."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from neutra_flows import cli
+from neutra_flows.bench import BENCHMARKS, Goal, run_benchmark
+
+TINY = ["--train-steps", "60", "--batch-size", "64", "--chains", "2", "--warmup", "60",
+        "--samples", "60", "--hidden", "8", "--layers", "2", "--quiet"]
+
+
+def test_list_names_every_target_and_flow(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in BENCHMARKS:
+        assert name in out
+    assert "iaf" in out and "affine_tril" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "no-such-target"],
+        ["bench", "banana", "--chains", "0"],
+        ["bench", "banana", "--flow", "no-such-flow"],
+        ["bench", "banana", "--samples", "many"],
+        [],
+    ],
+)
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_bad_model_spec_is_one_line_and_exit_2(tmp_path, capsys):
+    assert cli.main(["sample", str(tmp_path / "missing.py:model"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("neutra-flows: error:") and "not found" in err and "\n" not in err
+    model = tmp_path / "m.py"
+    model.write_text("def model():\n    return 3\n")
+    assert cli.main(["sample", f"{model}:model", "--quiet"]) == 2
+    assert "expected a neutra_flows.Target" in capsys.readouterr().err
+    assert cli.main(["sample", f"{model}:other", "--quiet"]) == 2
+    assert "no function 'other'" in capsys.readouterr().err
+
+
+def test_goal_checks():
+    neutra = {"ess_per_grad": 0.3, "ess_per_second_total": 5.0, "divergences": 0,
+              "max_abs_error_mcse": 2.0, "min_std_ratio": 0.95, "max_std_ratio": 1.04,
+              "max_rhat": 1.002}
+    base = {"ess_per_grad": 1e-4, "ess_per_second_total": 1.0}
+    assert Goal("ess_per_grad", 0.2).check(neutra, base) is True
+    assert Goal("ess_per_grad", 0.5).check(neutra, base) is False
+    assert Goal("ratio", 1000).check(neutra, base) is True
+    assert Goal("ratio", 10000).check(neutra, base) is False
+    assert Goal("ratio_total_time", 1).check(neutra, base) is True
+    assert Goal("divergences", 0).check({**neutra, "divergences": 3}, base) is False
+    assert Goal("bias", 4).check({**neutra, "max_abs_error_mcse": 4.5}, base) is False
+    assert Goal("std", 0.1).check({**neutra, "min_std_ratio": 0.85}, base) is False
+    assert Goal("rhat", 1.01).check(neutra, base) is True
+    # A figure that was not measured is reported as not measurable, not as met.
+    assert Goal("bias", 4).check({"max_abs_error_mcse": float("nan")}, base) is None
+    assert Goal("ratio", 10).check(neutra, None) is None
+
+
+def test_bench_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["bench", "banana", *TINY, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "NUTS" in printed and "ess_per_grad" in printed and "MISSED" in printed or "MET" in printed
+    names = set(os.listdir(out))
+    assert {"results.json", "flow", "draws.png", "trace.png", "ess_per_grad.png", "loss.png"} <= names
+    assert sum(name.endswith(".nc") for name in names) == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["num_chains"] == 2 and results["settings"]["flow"] == "iaf"
+    assert set(results["table"]) == {"NeuTra-IAF-HMC", "NUTS"}
+    row = results["table"]["NeuTra-IAF-HMC"]
+    assert row["grad_evals"] > 0 and row["min_ess_bulk"] > 0
+    assert results["versions"]["tensorflow"] and results["machine"]["cpu_count"] >= 1
+    assert [g["goal"] for g in results["goals"]] == [g.describe() for g in BENCHMARKS["banana"].goals]
+    # The saved flow is the trained one.
+    import arviz as az
+
+    import neutra_flows as nf
+
+    flow = nf.load_flow(out / "flow")
+    u = np.linspace(-2, 2, 10, dtype=np.float32).reshape(5, 2)
+    assert not np.allclose(flow.forward(u).numpy(), u)
+    idata = az.from_netcdf(out / "NUTS.nc")
+    assert idata.posterior["x"].shape == (2, 60, 2)
+
+
+def test_sample_command_runs_a_user_joint_distribution(tmp_path, capsys):
+    model = tmp_path / "model.py"
+    model.write_text(textwrap.dedent("""
+        import tensorflow_probability as tfp
+        tfd = tfp.distributions
+
+        def model():
+            jd = tfd.JointDistributionNamed(dict(
+                loc=tfd.Normal(0.0, 1.0),
+                scale=tfd.HalfNormal(1.0),
+                y=lambda loc, scale: tfd.Sample(tfd.Normal(loc, scale), 5),
+            ))
+            return jd.experimental_pin(y=[0.1, -0.3, 0.5, 0.2, 0.0])
+    """))
+    code = cli.main(["sample", f"{model}:model", *TINY, "--no-baseline"])
+    assert code == 0, capsys.readouterr().err
+    assert "NeuTra" in capsys.readouterr().out
+
+
+def test_run_benchmark_returns_a_table_with_both_rows():
+    result = run_benchmark("banana", flow="affine_tril", train_steps=60, batch_size=64,
+                           num_chains=2, num_warmup=60, num_samples=60, progress=False, log=None)
+    assert isinstance(result.table, pd.DataFrame)
+    assert list(result.table.index) == ["NeuTra-AFFINE_TRIL-HMC", "NUTS"]
+    assert "ESS per gradient" in result.report()
+
+
+def test_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "neutra_flows", "list"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "funnel" in proc.stdout

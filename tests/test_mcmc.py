@@ -1,0 +1,371 @@
+"""Tests of NeuTraKernel and sample: exactness against known truths, seeds, errors.
+
+Every statistical check takes its truth from the exact target (``ground_truth_*``
+of the built-in targets), never from the chain under test. Flows here are exact
+or deliberately imperfect analytic bijectors, so the tests run without training;
+the trained-IAF funnel run is marked slow.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import arviz as az
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from neutra_flows import Target, targets
+from neutra_flows._utils import split_seed
+from neutra_flows.mcmc import NeuTraKernel, sample
+
+tfb = tfp.bijectors
+tfd = tfp.distributions
+
+
+# -- analytic flows -------------------------------------------------------------
+
+
+class FunnelFlow(tfb.Bijector):
+    """``u -> (s u0, c exp(s u0 / 2) u_rest)``: Neal's funnel exactly when ``s=3, c=1``.
+
+    Log-det ``log s + (d - 1) (log c + s u0 / 2)`` depends on ``u``, so a sign
+    error in how the sampler uses it moves ``x0``.
+    """
+
+    def __init__(self, scale0: float = 3.0, c: float = 1.0, dtype=tf.float32):
+        parameters = dict(locals())
+        self._s = scale0
+        self._c = c
+        super().__init__(
+            forward_min_event_ndims=1, parameters=parameters, dtype=dtype, name="funnel_flow"
+        )
+
+    def _forward(self, u):
+        x0 = self._s * u[..., :1]
+        return tf.concat([x0, self._c * tf.exp(x0 / 2) * u[..., 1:]], axis=-1)
+
+    def _inverse(self, x):
+        x0 = x[..., :1]
+        return tf.concat([x0 / self._s, x[..., 1:] * tf.exp(-x0 / 2) / self._c], axis=-1)
+
+    def _forward_log_det_jacobian(self, u):
+        d = u.shape[-1]
+        return math.log(self._s) + (d - 1) * (math.log(self._c) + self._s * u[..., 0] / 2)
+
+
+class BananaFlow(tfb.Bijector):
+    """``u -> (10 u0, u1 + b (100 u0^2 - 100))``: the banana exactly when ``b`` matches."""
+
+    def __init__(self, b: float, dtype=tf.float32):
+        parameters = dict(locals())
+        self._b = b
+        super().__init__(
+            forward_min_event_ndims=1, parameters=parameters, dtype=dtype, name="banana_flow"
+        )
+
+    def _forward(self, u):
+        x0 = 10.0 * u[..., 0]
+        return tf.stack([x0, u[..., 1] + self._b * (tf.square(x0) - 100.0)], axis=-1)
+
+    def _inverse(self, x):
+        x0 = x[..., 0]
+        return tf.stack([x0 / 10.0, x[..., 1] - self._b * (tf.square(x0) - 100.0)], axis=-1)
+
+    def _forward_log_det_jacobian(self, u):
+        return tf.fill(tf.shape(u)[:-1], tf.constant(math.log(10.0), u.dtype))
+
+
+def affine_flow(target, dtype=tf.float32) -> tfb.Bijector:
+    """The exact whitening map ``u -> mean + L u`` of a Gaussian target."""
+    mean = tf.constant(target.ground_truth_mean["x"], dtype)
+    tril = tf.constant(np.linalg.cholesky(target.covariance), dtype)
+    return tfb.Chain([tfb.Shift(mean), tfb.ScaleMatvecTriL(tril)])
+
+
+def check_truth(idata, target, *, names=None, z_max=4.0, std_tol=0.10, rhat_max=1.01):
+    """|mean - truth| / MCSE < z_max, |std / true std - 1| < std_tol, R-hat < rhat_max."""
+    post = idata.posterior
+    mcse = az.mcse(post.astype(np.float64), method="mean")
+    rhat = az.rhat(post.astype(np.float64))
+    for name in names or list(post.data_vars):
+        coords = slice(None)
+        if isinstance(name, tuple):
+            name, coords = name
+        x = np.asarray(post[name], np.float64)[..., coords]
+        flat = x.reshape(-1, *x.shape[2:])
+        true_mean = np.asarray(target.ground_truth_mean[name])[coords]
+        true_std = np.asarray(target.ground_truth_std[name])[coords]
+        se = np.asarray(mcse[name])[coords]
+        z = np.abs(flat.mean(0) - true_mean) / se
+        assert np.all(z < z_max), f"{name}: |mean - truth| / MCSE = {z}"
+        np.testing.assert_allclose(flat.std(0, ddof=1), true_std, rtol=std_tol)
+        assert np.all(np.asarray(rhat[name])[coords] < rhat_max), f"R-hat {rhat[name].values}"
+
+
+# -- fixtures: one target and flow object per module, so compiled loops are reused ---
+
+
+@pytest.fixture(scope="module")
+def gaussian():
+    target = targets.correlated_gaussian(3, 0.9, mean=[1.0, -2.0, 0.5], scale=[1.0, 2.0, 0.5])
+    return target, affine_flow(target)
+
+
+@pytest.fixture(scope="module")
+def gaussian_hmc(gaussian):
+    target, flow = gaussian
+    return sample(
+        target, flow, kernel="hmc", num_chains=4, num_warmup=300, num_samples=1000, seed=7,
+        progress=False,
+    )
+
+
+# -- correctness ------------------------------------------------------------------
+
+
+def test_gaussian_hmc_chees_matches_truth(gaussian, gaussian_hmc):
+    target, _ = gaussian
+    check_truth(gaussian_hmc, target)
+    attrs = gaussian_hmc.posterior.attrs
+    assert attrs["sampler"] == "NeuTra-HMC"
+    assert "ChEES" in attrs["adaptation"]
+    # On an exactly whitened Gaussian the adapted trajectory is O(1) latent units.
+    assert 0.3 < attrs["trajectory_length"] < 5.0
+    assert attrs["mean_leapfrog_steps"] >= 1.0
+
+
+def test_sample_stats_and_attrs(gaussian, gaussian_hmc):
+    target, _ = gaussian
+    idata = gaussian_hmc
+    stats = idata.sample_stats
+    for key in ("diverging", "acceptance_rate", "step_size", "n_steps", "lp", "energy"):
+        assert stats[key].dims == ("chain", "draw"), key
+        assert stats[key].shape == (4, 1000)
+    assert "tree_depth" not in stats
+    assert idata.posterior["x"].shape == (4, 1000, 3)
+    assert stats["diverging"].dtype == bool
+    attrs = idata.posterior.attrs
+    assert attrs["num_grad_evals_sampling"] == int(stats["n_steps"].sum())
+    assert attrs["num_grad_evals_warmup"] > 0
+    assert attrs["num_divergences_sampling"] == int(stats["diverging"].sum())
+    for key in ("compile_time", "warmup_time", "sampling_time"):
+        assert attrs[key] >= 0.0
+    assert attrs["num_chains"] == 4 and attrs["seed"] == 7 and attrs["kernel"] == "hmc"
+    assert "ground_truth" in attrs and "flow_training_time" not in attrs
+    # lp is the target's density at the draws, not the latent density.
+    z = idata.posterior["x"].values[:, :5].reshape(-1, 3)
+    np.testing.assert_allclose(
+        stats["lp"].values[:, :5].reshape(-1), target.unnormalized_log_prob(z).numpy(), rtol=1e-5
+    )
+    # All draws after warm-up use the frozen step size.
+    assert np.unique(stats["step_size"].values).size == 1
+    acc = stats["acceptance_rate"].values
+    assert np.all((acc >= 0) & (acc <= 1)) and 0.5 < acc.mean() <= 1.0
+    # Energy is a Hamiltonian in a 3-d latent space: E-BFMI near 1 on a Gaussian.
+    assert np.all(az.bfmi(idata) > 0.6)
+
+
+def test_same_seed_same_draws_other_seed_differs(gaussian, gaussian_hmc):
+    target, flow = gaussian
+    again = sample(
+        target, flow, kernel="hmc", num_chains=4, num_warmup=300, num_samples=1000, seed=7,
+        progress=True,
+    )
+    np.testing.assert_array_equal(again.posterior["x"].values, gaussian_hmc.posterior["x"].values)
+    np.testing.assert_array_equal(
+        again.sample_stats["n_steps"].values, gaussian_hmc.sample_stats["n_steps"].values
+    )
+    other = sample(
+        target, flow, kernel="hmc", num_chains=4, num_warmup=300, num_samples=1000, seed=8,
+        progress=False,
+    )
+    assert not np.allclose(other.posterior["x"].values, gaussian_hmc.posterior["x"].values)
+
+
+def test_user_init_state_is_pulled_back(gaussian):
+    target, flow = gaussian
+    z0 = np.tile(np.array([[1.0, -2.0, 0.5]], np.float32), [4, 1]) + 0.1
+    idata = sample(
+        target, flow, kernel="hmc", num_chains=4, num_warmup=300, num_samples=1000, seed=3,
+        init_state=z0, progress=False,
+    )
+    check_truth(idata, target)
+
+
+def test_banana_float64_nuts_matches_truth():
+    target = targets.banana(dtype=tf.float64)
+    idata = sample(
+        target, BananaFlow(0.03, dtype=tf.float64), kernel="nuts", num_chains=4, num_warmup=200,
+        num_samples=1000, seed=1, progress=False,
+    )
+    assert idata.posterior["x"].dtype == np.float64
+    assert idata.sample_stats["lp"].dtype == np.float64
+    assert idata.posterior.attrs["dtype"] == "float64"
+    check_truth(idata, target)
+    stats = idata.sample_stats
+    assert int(stats["diverging"].sum()) == 0
+    n = stats["n_steps"].values
+    np.testing.assert_array_equal(
+        stats["tree_depth"].values, np.floor(np.log2(np.maximum(n, 1))).astype(int) + 1
+    )
+    assert idata.posterior.attrs["max_tree_depth"] == 10
+    assert math.isnan(idata.posterior.attrs["trajectory_length"])
+
+
+def test_funnel_10d_no_divergences_and_x0_matches():
+    target = targets.neals_funnel(10)
+    # A flow that gets the funnel's neck right but x0's scale wrong (2.5 vs 3).
+    idata = sample(
+        target, FunnelFlow(2.5), kernel="hmc", num_chains=4, num_warmup=300, num_samples=1000,
+        seed=2, progress=False,
+    )
+    assert int(idata.sample_stats["diverging"].sum()) == 0
+    check_truth(idata, target, names=[("x", 0)])
+
+
+def test_log_det_sign_pulled_back_density_is_standard_normal():
+    # NumPyro issue 340: with the exact funnel flow the pulled-back density
+    # log p(f(u)) + log|det f'(u)| is exactly N(0, I); the opposite sign would be
+    # off by 2 log|det f'(u)|, which varies with u0.
+    target = targets.neals_funnel(5, dtype=tf.float64)
+    kernel = NeuTraKernel(target, FunnelFlow(dtype=tf.float64), kernel="nuts",
+                          num_adaptation_steps=0)
+    u = tf.random.stateless_normal([6, 5], seed=[1, 2], dtype=tf.float64) * 1.5
+    results = kernel.bootstrap_results(transformed_init_state=u)
+    latent_lp = results.inner_results.inner_results.target_log_prob
+    expected = tf.reduce_sum(tfd.Normal(tf.constant(0.0, tf.float64), 1.0).log_prob(u), -1)
+    np.testing.assert_allclose(latent_lp.numpy(), expected.numpy(), rtol=1e-10, atol=1e-10)
+    z0, _ = kernel.init_chains(3, seed=5)
+    np.testing.assert_allclose(results.inner_results.transformed_state.numpy(), u.numpy())
+    assert z0.shape == (3, 5) and z0.dtype == tf.float64
+
+
+def test_kernel_in_sample_chain_equals_sample():
+    target = targets.correlated_gaussian(2, 0.8)
+    flow = affine_flow(target)
+    seed, warmup, draws, chains = 11, 40, 30, 4
+    idata = sample(
+        target, flow, kernel="hmc", num_chains=chains, num_warmup=warmup, num_samples=draws,
+        seed=seed, progress=False, jit_compile=False,
+    )
+    kernel = NeuTraKernel(target, flow, kernel="hmc", num_adaptation_steps=warmup)
+    init_seed, run_seed = split_seed(seed)
+
+    z0, results = kernel.init_chains(chains, seed=init_seed)
+
+    def run(z0, results):
+        return tfp.mcmc.sample_chain(
+            draws, z0, results, kernel=kernel, num_burnin_steps=warmup, trace_fn=None,
+            seed=run_seed,
+        )
+
+    expected = np.swapaxes(tf.function(run, autograph=False)(z0, results).numpy(), 0, 1)
+    np.testing.assert_allclose(idata.posterior["x"].values, expected, rtol=1e-5, atol=1e-6)
+
+    # The same under XLA, whose stateless RNG differs from graph mode's: the draws
+    # differ between jit_compile=True and False, and each is reproducible.
+    xla = sample(
+        target, flow, kernel="hmc", num_chains=chains, num_warmup=warmup, num_samples=draws,
+        seed=seed, progress=False, jit_compile=True,
+    )
+    run_xla = tf.function(run, autograph=False, jit_compile=True)
+    expected_xla = np.swapaxes(run_xla(z0, results).numpy(), 0, 1)
+    np.testing.assert_allclose(xla.posterior["x"].values, expected_xla, rtol=1e-4, atol=1e-5)
+
+
+def test_baseline_nuts_windowed_adaptation():
+    target = targets.correlated_gaussian(2, 0.3, scale=[1.0, 3.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        # Graph mode: XLA-compiling the windowed adaptation costs more than this short run.
+        idata = sample(
+            target, None, kernel="nuts", num_chains=4, num_warmup=100, num_samples=400, seed=5,
+            progress=False, jit_compile=False,
+        )
+    attrs = idata.posterior.attrs
+    assert attrs["sampler"] == "NUTS" and attrs["flow"] == "none"
+    assert "windowed" in attrs["adaptation"]
+    assert set(idata.sample_stats.data_vars) >= {"tree_depth", "energy", "lp", "n_steps"}
+    check_truth(idata, target, std_tol=0.15, rhat_max=1.02)
+
+
+def test_divergent_run_returns_and_warns():
+    target = targets.correlated_gaussian(2, 0.0)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        idata = sample(
+            target, tfb.Identity(), kernel="hmc", num_chains=2, num_warmup=0, num_samples=20,
+            seed=0, step_size=5.0, num_leapfrog_steps=10, progress=False, jit_compile=False,
+        )
+    div = idata.sample_stats["diverging"].values
+    assert div.sum() > 20
+    assert idata.posterior.attrs["num_divergences_sampling"] == int(div.sum())
+    np.testing.assert_array_equal(idata.sample_stats["n_steps"].values, 10)
+    assert idata.posterior.attrs["trajectory_length"] == pytest.approx(50.0)
+
+
+# -- bad input ------------------------------------------------------------------------
+
+
+def _nan_outside(width: float) -> Target:
+    def log_prob(x):
+        inside = tf.reduce_all(tf.abs(x) < width, axis=-1)
+        lp = -0.5 * tf.reduce_sum(tf.square(x), -1)
+        return tf.where(inside, lp, tf.constant(np.nan, x.dtype))
+
+    return Target(log_prob, 2, name="nan_outside")
+
+
+def test_bad_inputs_raise_value_error():
+    target = targets.correlated_gaussian(2, 0.5)
+    wrong = tfb.ScaleMatvecTriL(tf.eye(3))
+    with pytest.raises(ValueError, match="event size"):
+        sample(target, wrong, num_chains=2, seed=0, progress=False)
+    with pytest.raises(ValueError, match="event size"):
+        NeuTraKernel(target, wrong, num_adaptation_steps=10)
+    with pytest.raises(ValueError, match="num_chains"):
+        sample(target, tfb.Identity(), num_chains=0, seed=0, progress=False)
+    bad = np.zeros([2, 2], np.float32)
+    bad[1, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        sample(target, tfb.Identity(), num_chains=2, seed=0, init_state=bad, progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        sample(target, tfb.Identity(), num_chains=2, seed=0, init_state=np.zeros([3, 2]))
+    with pytest.raises(ValueError, match="kernel"):
+        sample(target, tfb.Identity(), kernel="mala", seed=0)
+    with pytest.raises(ValueError, match="num_chains >= 2"):
+        sample(target, tfb.Identity(), kernel="hmc", num_chains=1, seed=0, progress=False)
+    with pytest.raises(ValueError, match="num_leapfrog_steps"):
+        sample(target, None, kernel="hmc", seed=0, progress=False)
+    stochastic = tfb.Identity()
+    stochastic.exact_log_det = False
+    with pytest.raises(ValueError, match="exact"):
+        sample(target, stochastic, seed=0, progress=False)
+
+
+def test_target_nan_at_starting_draws_raises():
+    target = _nan_outside(1.0)
+    with pytest.raises(ValueError, match="log density is nan"):
+        sample(target, tfb.Identity(), num_chains=8, seed=0, progress=False)
+    with pytest.raises(ValueError, match="log density is nan"):
+        sample(target, None, num_chains=8, seed=0, progress=False)
+
+
+# -- the real pipeline, slow ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_funnel_10d_trained_iaf_no_divergences():
+    from neutra_flows import fit, make_flow
+
+    target = targets.neals_funnel(10)
+    flow = make_flow("iaf", 10)
+    result = fit(target, flow, num_steps=3000, batch_size=512, seed=0, progress=False,
+                 global_clipnorm=10.0)
+    idata = sample(target, result, kernel="hmc", num_chains=16, num_warmup=500,
+                   num_samples=1000, seed=1, progress=False)
+    assert int(idata.sample_stats["diverging"].sum()) == 0
+    assert idata.posterior.attrs["flow_training_time"] == pytest.approx(result.wall_time)
+    check_truth(idata, target, names=[("x", 0)])
