@@ -16,6 +16,10 @@ data, on ``fit_to_data``'s held-out split and on the test set, against a
 Gaussian fitted by maximum likelihood. It saves density contours of each fit
 over the data and draws from each flow.
 
+What to expect (default settings, measured): mean test log-likelihoods per
+point of about -0.89 (NSF), -0.92 (MAF, 5 layers), -0.97 (RealNVP, 8 layers),
+against -1.90 for the Gaussian: about one nat per point better.
+
 Run it from the repository root::
 
     python examples/density_estimation.py                    # about a minute per flow on 2 cores
@@ -40,6 +44,9 @@ import numpy as np  # noqa: E402
 import neutra_flows as nf  # noqa: E402
 
 FLOWS = ("maf", "nsf", "realnvp")
+# Affine layers bend the plane little each, so MAF and RealNVP get more of them
+# than their defaults (3 and 4); the spline flow is flexible enough with its 4.
+LAYERS = {"maf": dict(num_layers=5), "nsf": {}, "realnvp": dict(num_layers=8)}
 
 
 def two_moons(n: int, *, noise: float = 0.08, seed: int = 0) -> np.ndarray:
@@ -95,10 +102,10 @@ def main() -> None:
                          gaussian_log_likelihood(train, test))}
     fits = {}
     for name in args.flows:
-        options = dict(num_layers=2, hidden_units=[8, 8]) if args.fast else {}
+        options = dict(num_layers=2, hidden_units=[8, 8]) if args.fast else LAYERS[name]
         flow = nf.make_flow(name, 2, **options)
         result = nf.fit_to_data(flow, train, num_epochs=args.epochs, batch_size=args.batch_size,
-                                learning_rate=args.learning_rate, seed=args.seed,
+                                learning_rate=args.learning_rate, patience=40, seed=args.seed,
                                 progress=not args.fast, jit_compile=not args.fast)
         print(f"\n[{name}]")
         print(result.summary())

@@ -16,6 +16,17 @@ across the funnel, and a curved ridge. For each the script
    back through the trained flow, ``u = f^{-1}(z)``, which should look like a
    standard normal; HMC runs in that space.
 
+What to expect (default settings, measured on a 2-core CPU): on the funnel
+NeuTra-HMC reaches a min bulk-ESS per gradient of about 0.3 with no
+divergences, against about 2e-4 for plain NUTS with dozens of divergences in
+the neck (over 1000x); on the banana about 0.48 against 0.0045 (about 100x).
+Including flow training NeuTra is still ahead in ESS per second (about 30x on
+the funnel, 4x on the banana). One goal is reported MISSED on the funnel,
+"every std within 10 %": the funnel's ``x_i`` (i >= 1) have a kurtosis of
+about ``3 e^9``, so even 4000 *exact* draws almost never estimate all their
+standard deviations within 10 % (the smallest ratio is typically about 0.75);
+the meaningful check there is ``x0``, whose standard deviation is 3.
+
 Run it from the repository root::
 
     python examples/funnel_banana.py                 # a few minutes on a 2-core CPU
@@ -70,7 +81,10 @@ def pulled_back_figure(target, flow, title: str, n: int = 2000, seed: int = 0):
     for r in (1, 2, 3):
         axes[1].plot(r * np.cos(angle), r * np.sin(angle), "k", lw=0.6, alpha=0.6)
     axes[1].set_aspect("equal")
-    axes[1].set_title("pulled back: u = f^-1(z) (circles: 1, 2, 3 sd)")
+    axes[1].set_xlim(-4.5, 4.5)
+    axes[1].set_ylim(-4.5, 4.5)
+    outside = int(np.sum(np.any(np.abs(u[:, :2]) > 4.5, axis=-1)))
+    axes[1].set_title(f"pulled back u = f^-1(z); {outside} of {n} outside")
     axes[1].set_xlabel("u[0]")
     axes[1].set_ylabel("u[1]")
     fig.tight_layout()

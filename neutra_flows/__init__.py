@@ -10,13 +10,20 @@ The public API:
 * diagnostics: :func:`compare`; pictures in :mod:`neutra_flows.plots`.
 """
 
-from neutra_flows import bijectors, targets
-from neutra_flows.diagnostics import compare
-from neutra_flows.flows import FLOW_NAMES, make_flow
-from neutra_flows.io import load_flow, save_flow
-from neutra_flows.mcmc import NeuTraKernel, sample
-from neutra_flows.targets import Target
-from neutra_flows.vi import DataFitResult, FitResult, fit, fit_to_data
+import os as _os
+
+# TensorFlow's C++ start-up chatter (CUDA probing on CPU-only machines, XLA
+# banners) buries our own output; only raise the threshold if the user has not
+# chosen one. It must be set before TensorFlow is first imported.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from neutra_flows import bijectors, targets  # noqa: E402
+from neutra_flows.diagnostics import compare  # noqa: E402
+from neutra_flows.flows import FLOW_NAMES, make_flow  # noqa: E402
+from neutra_flows.io import load_flow, save_flow  # noqa: E402
+from neutra_flows.mcmc import NeuTraKernel, sample  # noqa: E402
+from neutra_flows.targets import Target  # noqa: E402
+from neutra_flows.vi import DataFitResult, FitResult, fit, fit_to_data  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -24,7 +24,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -122,18 +122,24 @@ class BenchSpec:
     num_samples: int = 1000
     view: tuple[int, int] = (0, 1)
     goals: tuple[Goal, ...] = ()
+    # Coordinates the bias and std goals are judged on (None: all). The funnel's
+    # x_1.. have kurtosis 3 exp(9), so no run of this length estimates their std
+    # to 10 %; the NeuTra paper and issue 5 judge x0 alone.
+    focus: Mapping[str, Sequence[int]] | None = None
 
 
 BENCHMARKS: dict[str, BenchSpec] = {
     "funnel": BenchSpec(
         make_target=lambda: _targets.neals_funnel(ndims=10),
         description="Neal's funnel, 10-D: x0 ~ N(0, 3), x_i ~ N(0, exp(x0 / 2))",
+        focus={"x": [0]},
         goals=(Goal("divergences", 0), *_CORRECT, Goal("ess_per_grad", 0.2), Goal("ratio", 1000),
                Goal("ratio_total_time", 1.0)),
     ),
     "funnel-100": BenchSpec(
         make_target=lambda: _targets.neals_funnel(ndims=100),
         description="Neal's funnel, 100-D",
+        focus={"x": [0]},
         goals=(Goal("divergences", 0), *_CORRECT, Goal("ess_per_grad", 0.05), Goal("ratio", 100)),
     ),
     "banana": BenchSpec(
@@ -179,6 +185,8 @@ class BenchResult:
     idatas: dict[str, Any]
     settings: dict[str, Any]
     files: list[str] = dataclasses.field(default_factory=list)
+    target: Any = None
+    view: tuple[int, int] = (0, 1)
 
     def report(self) -> str:
         """The comparison table and the goals, as printed by the CLI."""
@@ -205,6 +213,22 @@ class BenchResult:
             mark = {True: "MET   ", False: "MISSED", None: "N/A   "}[met]
             text.append(f"[{mark}] {description}")
         return "\n".join(t for t in text if t)
+
+
+def _focus_figures(idata: Any, target: Target, focus: Mapping[str, Sequence[int]]) -> dict:
+    """Bias and std figures on the ``focus`` coordinates only (see BenchSpec.focus)."""
+    import arviz as az
+    import xarray as xr
+
+    sub, mean, std = {}, {}, {}
+    for name, index in focus.items():
+        var = idata.posterior[name]
+        sub[name] = var.isel({var.dims[2]: list(index)})
+        mean[name] = np.asarray(target.ground_truth_mean[name])[list(index)]
+        std[name] = np.asarray(target.ground_truth_std[name])[list(index)]
+    table = compare({"focus": az.InferenceData(posterior=xr.Dataset(sub))}, ground_truth=(mean, std))
+    return {k: float(table.loc["focus", k]) for k in
+            ("max_abs_error_mcse", "min_std_ratio", "max_std_ratio") if k in table.columns}
 
 
 def resolve_target(name_or_target: str | Target) -> tuple[Target, BenchSpec | None]:
@@ -346,18 +370,33 @@ def run_benchmark(
                                     **common)
     table = compare(idatas)
     rows = {label: table.loc[label].to_dict() for label in table.index}
-    neutra_row = rows[neutra_label]
+    neutra_row = dict(rows[neutra_label])
+    if spec.focus and the_target.ground_truth_mean is not None:
+        neutra_row.update(_focus_figures(idatas[neutra_label], the_target, spec.focus))
     base_row = rows.get(baseline_kernel.upper()) if baseline else None
-    goals = [(g.describe(), g.check(neutra_row, base_row)) for g in spec.goals]
+    focus_note = ("" if not spec.focus else
+                  " on " + ", ".join(f"{n}{list(i)}" for n, i in spec.focus.items()))
+    goals = [(g.describe() + (focus_note if g.kind in ("bias", "std") else ""),
+              g.check(neutra_row, base_row)) for g in spec.goals]
     result = BenchResult(table=table, goals=goals, fit=fit_result, idatas=idatas,
                          settings=settings)
+    result.target = the_target
+    result.view = spec.view
     if out is not None:
-        result.files = _write_outputs(result, the_target, spec, out)
+        write_outputs(result, out)
     return result
 
 
-def _write_outputs(result: BenchResult, target: Target, spec: BenchSpec, out) -> list[str]:
+def write_outputs(result: BenchResult, out: str | os.PathLike) -> list[str]:
+    """Writes results.json, both runs' netCDF, the trained flow and PNG plots into ``out``.
+
+    A plot that fails is reported in ``results.json`` (``"plot_errors"``) rather
+    than losing the measured figures. Returns the paths written (also stored in
+    ``result.files``).
+    """
     from neutra_flows import plots
+
+    target, view = result.target, result.view
 
     os.makedirs(out, exist_ok=True)
     files = []
@@ -368,6 +407,27 @@ def _write_outputs(result: BenchResult, target: Target, spec: BenchSpec, out) ->
         return p
 
     fit_result = result.fit
+    figures = {
+        "draws.png": lambda: plots.plot_draws_2d(result.idatas, target=target, coords=view),
+        "trace.png": lambda: plots.plot_trace(next(iter(result.idatas.values())),
+                                              coords=tuple(dict.fromkeys(view))),
+        "ess_per_grad.png": lambda: plots.plot_ess_per_gradient(result.table),
+        "loss.png": lambda: plots.plot_loss(fit_result.losses),
+    }
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_errors = {}
+    for name, draw in figures.items():
+        try:
+            fig = draw()
+            fig.savefig(path(name), dpi=110)
+            plt.close(fig)
+        except Exception as err:  # noqa: BLE001 - a picture must not cost the figures
+            files.pop()
+            plot_errors[name] = f"{type(err).__name__}: {err}"
     payload = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": result.settings,
@@ -385,27 +445,13 @@ def _write_outputs(result: BenchResult, target: Target, spec: BenchSpec, out) ->
         },
         "versions": _versions(),
         "machine": _machine(),
+        "plot_errors": plot_errors,
     }
     with open(path("results.json"), "w") as fh:
         json.dump(_json_safe(payload), fh, indent=2)
     for label, idata in result.idatas.items():
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
         idata.to_netcdf(path(f"{safe}.nc"), engine="h5netcdf")
-    save_flow(fit_result.flow, path("flow"))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figures = {
-        "draws.png": lambda: plots.plot_draws_2d(result.idatas, target=target, coords=spec.view),
-        "trace.png": lambda: plots.plot_trace(next(iter(result.idatas.values())),
-                                              coords=tuple(dict.fromkeys(spec.view))),
-        "ess_per_grad.png": lambda: plots.plot_ess_per_gradient(result.table),
-        "loss.png": lambda: plots.plot_loss(fit_result.losses),
-    }
-    for name, draw in figures.items():
-        fig = draw()
-        fig.savefig(path(name), dpi=110)
-        plt.close(fig)
+    save_flow(fit_result.flow, path("flow"), overwrite=True)
+    result.files = files
     return files

@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,7 +126,7 @@ def load_user_model(spec: str) -> Any:
 
 
 def _run(args: argparse.Namespace, target: Any) -> int:
-    from neutra_flows.bench import run_benchmark
+    from neutra_flows.bench import run_benchmark, write_outputs
 
     flow_options = {}
     if args.layers is not None:
@@ -145,12 +146,14 @@ def _run(args: argparse.Namespace, target: Any) -> int:
         learning_rate=args.learning_rate,
         seed=args.seed,
         baseline=not args.no_baseline,
-        out=args.out,
+        out=None,
         progress=not args.quiet,
         log=None if args.quiet else (lambda msg: print(msg, file=sys.stderr)),
     )
-    print(result.report())
-    if result.files:
+    # The figures first: writing files or plots can fail, the table must not be lost.
+    print(result.report(), flush=True)
+    if args.out is not None:
+        write_outputs(result, args.out)
         print(f"wrote {len(result.files)} files to {args.out}")
     return 0
 
@@ -159,6 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Warnings (divergences, k-hat) are for the user: one line each, no source
+    # excerpt; catch_warnings restores the hook for callers of main().
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, *_a, **_k: print(
+            f"neutra-flows: warning: {message}", file=sys.stderr)
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "list":
             from neutra_flows.bench import BENCHMARKS

@@ -91,11 +91,11 @@ class _Dense(tf_keras.layers.Layer):
             )
         self.built = True
 
-    def _run(self, h: tf.Tensor, masks: list[np.ndarray] | None) -> tf.Tensor:
+    def _run(self, h: tf.Tensor, masks: tuple | None) -> tf.Tensor:
         last = len(self._kernels) - 1
         for i, (kernel, bias) in enumerate(zip(self._kernels, self._biases, strict=True)):
             if masks is not None:
-                kernel = kernel * tf.constant(masks[i], dtype=kernel.dtype)
+                kernel = kernel * tf.cast(masks[i], kernel.dtype)
             h = tf.matmul(h, kernel) + bias
             if i < last:
                 h = self._activation_fn(h)
@@ -139,7 +139,9 @@ class MADE(_Dense):
         self.activation = activation
         self.seed = seed
         self._activation_fn = tf_keras.activations.get(activation)
-        self._masks = made_masks(self.event_size, self.num_params, self.hidden_units)
+        masks = made_masks(self.event_size, self.num_params, self.hidden_units)
+        # Converted once: a flow's sequential direction calls the network d times.
+        self._masks = tuple(tf.constant(m, dtype=self.dtype) if tf.executing_eagerly() else m for m in masks)
         sizes = [self.event_size, *self.hidden_units, self.event_size * self.num_params]
         self._make_weights(sizes, seed=seed)
 

@@ -154,7 +154,7 @@ def plot_trace(idata: Any, *, coords: Sequence[int | str] = (0,), max_draws: int
     return fig
 
 
-def plot_ess_per_gradient(table: Any, *, column: str = "min_ess_bulk_per_grad", ax: Any = None):
+def plot_ess_per_gradient(table: Any, *, column: str = "ess_per_grad", ax: Any = None):
     """Bars of ESS per gradient evaluation (log scale), one per run of ``compare``'s table."""
     plt = _plt()
     if column not in table.columns:

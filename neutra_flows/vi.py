@@ -390,13 +390,13 @@ def fit(
     flow: tfb.Bijector,
     *,
     num_steps: int = 2000,
-    batch_size: int = 256,
+    batch_size: int = 1024,
     learning_rate: float | tf_keras.optimizers.schedules.LearningRateSchedule | None = None,
     seed: Any,
     progress: bool = True,
     jit_compile: bool = True,
     steps_per_chunk: int = 100,
-    num_diagnostic_draws: int = 4096,
+    num_diagnostic_draws: int = 16384,
     global_clipnorm: float | None = None,
     max_recoveries: int = 5,
 ) -> FitResult:
@@ -741,7 +741,10 @@ def fit_to_data(
         return total / m
 
     compiled_epoch = tf.function(run_epoch, jit_compile=jit_compile, autograph=False)
-    compiled_ll = tf.function(log_likelihood, jit_compile=jit_compile, autograph=False)
+    ll_signature = [tf.TensorSpec([None, d], dtype)]
+    compiled_ll = tf.function(
+        log_likelihood, input_signature=ll_signature, jit_compile=jit_compile, autograph=False
+    )
     notes: list[str] = []
     train_ll, val_ll = [], []
     best, best_epoch, best_weights = -np.inf, 0, _snapshot(variables)
@@ -763,7 +766,9 @@ def fit_to_data(
                 jit_compile = False
                 notes.append("XLA could not compile the training step; fell back to graph mode")
                 compiled_epoch = tf.function(run_epoch, jit_compile=False, autograph=False)
-                compiled_ll = tf.function(log_likelihood, jit_compile=False, autograph=False)
+                compiled_ll = tf.function(
+                    log_likelihood, input_signature=ll_signature, jit_compile=False, autograph=False
+                )
                 _restore(variables, params_before)
                 _restore(opt_variables, opt_before)
                 continue

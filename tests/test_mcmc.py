@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from types import SimpleNamespace
 
 import arviz as az
 import numpy as np
@@ -185,6 +186,23 @@ def test_same_seed_same_draws_other_seed_differs(gaussian, gaussian_hmc):
     assert not np.allclose(other.posterior["x"].values, gaussian_hmc.posterior["x"].values)
 
 
+def test_fit_result_training_time_is_recorded(gaussian, gaussian_hmc):
+    from neutra_flows import compare
+
+    target, flow = gaussian
+    fit_like = SimpleNamespace(flow=flow, wall_time=12.5)
+    idata = sample(
+        target, fit_like, kernel="hmc", num_chains=4, num_warmup=300, num_samples=1000, seed=7,
+        progress=False,
+    )
+    assert idata.posterior.attrs["flow_training_time"] == 12.5
+    np.testing.assert_array_equal(idata.posterior["x"].values, gaussian_hmc.posterior["x"].values)
+    row = compare({"r": idata}).loc["r"]
+    attrs = idata.posterior.attrs
+    expected = 12.5 + attrs["compile_time"] + attrs["warmup_time"] + attrs["sampling_time"]
+    np.testing.assert_allclose(row["total_time"], expected)
+
+
 def test_user_init_state_is_pulled_back(gaussian):
     target, flow = gaussian
     z0 = np.tile(np.array([[1.0, -2.0, 0.5]], np.float32), [4, 1]) + 0.1
@@ -243,37 +261,28 @@ def test_log_det_sign_pulled_back_density_is_standard_normal():
     assert z0.shape == (3, 5) and z0.dtype == tf.float64
 
 
-def test_kernel_in_sample_chain_equals_sample():
-    target = targets.correlated_gaussian(2, 0.8)
-    flow = affine_flow(target)
-    seed, warmup, draws, chains = 11, 40, 30, 4
-    idata = sample(
-        target, flow, kernel="hmc", num_chains=chains, num_warmup=warmup, num_samples=draws,
-        seed=seed, progress=False, jit_compile=False,
-    )
+def test_kernel_in_sample_chain_equals_sample(gaussian, gaussian_hmc):
+    target, flow = gaussian
+    warmup, draws = 300, 25
     kernel = NeuTraKernel(target, flow, kernel="hmc", num_adaptation_steps=warmup)
-    init_seed, run_seed = split_seed(seed)
+    init_seed, run_seed = split_seed(7)
+    # The starts are drawn outside the compiled loop, as `sample` does: XLA's
+    # stateless RNG differs from eager's (so draws also differ between
+    # jit_compile=True and False; each is reproducible).
+    z0, results = kernel.init_chains(4, seed=init_seed)
 
-    z0, results = kernel.init_chains(chains, seed=init_seed)
-
+    @tf.function(autograph=False, jit_compile=True)
     def run(z0, results):
         return tfp.mcmc.sample_chain(
             draws, z0, results, kernel=kernel, num_burnin_steps=warmup, trace_fn=None,
             seed=run_seed,
         )
 
-    expected = np.swapaxes(tf.function(run, autograph=False)(z0, results).numpy(), 0, 1)
-    np.testing.assert_allclose(idata.posterior["x"].values, expected, rtol=1e-5, atol=1e-6)
-
-    # The same under XLA, whose stateless RNG differs from graph mode's: the draws
-    # differ between jit_compile=True and False, and each is reproducible.
-    xla = sample(
-        target, flow, kernel="hmc", num_chains=chains, num_warmup=warmup, num_samples=draws,
-        seed=seed, progress=False, jit_compile=True,
+    expected = np.swapaxes(run(z0, results).numpy(), 0, 1)
+    # Two XLA programs may fuse float ops differently: equal up to rounding.
+    np.testing.assert_allclose(
+        gaussian_hmc.posterior["x"].values[:, :draws], expected, rtol=1e-4, atol=1e-5
     )
-    run_xla = tf.function(run, autograph=False, jit_compile=True)
-    expected_xla = np.swapaxes(run_xla(z0, results).numpy(), 0, 1)
-    np.testing.assert_allclose(xla.posterior["x"].values, expected_xla, rtol=1e-4, atol=1e-5)
 
 
 def test_baseline_nuts_windowed_adaptation():
@@ -282,7 +291,7 @@ def test_baseline_nuts_windowed_adaptation():
         warnings.simplefilter("error", RuntimeWarning)
         # Graph mode: XLA-compiling the windowed adaptation costs more than this short run.
         idata = sample(
-            target, None, kernel="nuts", num_chains=4, num_warmup=100, num_samples=400, seed=5,
+            target, None, kernel="nuts", num_chains=4, num_warmup=100, num_samples=300, seed=5,
             progress=False, jit_compile=False,
         )
     attrs = idata.posterior.attrs
@@ -362,10 +371,28 @@ def test_funnel_10d_trained_iaf_no_divergences():
 
     target = targets.neals_funnel(10)
     flow = make_flow("iaf", 10)
-    result = fit(target, flow, num_steps=3000, batch_size=512, seed=0, progress=False,
+    # The NeuTra paper's budget (batch 1024, 5000 steps). With 3000 steps of batch 512
+    # the IAF's tails stay steep enough for a few divergences per 16000 transitions.
+    result = fit(target, flow, num_steps=5000, batch_size=1024, seed=0, progress=False,
                  global_clipnorm=10.0)
     idata = sample(target, result, kernel="hmc", num_chains=16, num_warmup=500,
                    num_samples=1000, seed=1, progress=False)
     assert int(idata.sample_stats["diverging"].sum()) == 0
     assert idata.posterior.attrs["flow_training_time"] == pytest.approx(result.wall_time)
     check_truth(idata, target, names=[("x", 0)])
+
+
+@pytest.mark.slow
+def test_banana_trained_iaf_matches_truth():
+    from neutra_flows import fit, make_flow
+
+    target = targets.banana()
+    result = fit(target, make_flow("iaf", 2), num_steps=2000, batch_size=512, seed=0,
+                 progress=False)
+    with warnings.catch_warnings():
+        # A handful of divergences at the flow's tails is expected; the truth must hold.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        idata = sample(target, result, kernel="hmc", num_chains=16, num_warmup=500,
+                       num_samples=1000, seed=1, progress=False)
+    check_truth(idata, target)
+    assert int(idata.sample_stats["diverging"].sum()) < 0.005 * 16 * 1000

@@ -4,13 +4,13 @@ Two solvers, both written with `tf.while_loop` and a hard iteration cap so
 they run eagerly, under `tf.function` and under `tf.function(jit_compile=True)`:
 
 * :func:`solve_monotone` -- elementwise root of a strictly increasing scalar
-  map, `f(x) = y`. The bracket `[lo, hi]` around the initial guess is grown
-  (doubling its width) until `f(lo) <= y <= f(hi)`; then safeguarded Newton
-  steps (`rtsafe`, Press et al.) are taken while they stay inside the bracket
-  and shrink it fast enough, bisection otherwise. Bisection alone halves the
-  bracket every step, so convergence is guaranteed for any continuous strictly
-  increasing `f` whose range contains `y`; Newton makes it quadratic near the
-  root.
+  map, `f(x) = y`. A bracket `[lo, hi]` starting at the initial guess is
+  grown (by capped Newton steps or doubling steps) until
+  `f(lo) <= y <= f(hi)`; then safeguarded Newton steps (`rtsafe`, Press et
+  al.) are taken while they stay inside the bracket and shrink it fast
+  enough, bisection otherwise. Bisection alone halves the bracket, so
+  convergence is guaranteed for any continuous strictly increasing `f` whose
+  range contains `y`; Newton makes it quadratic near the root.
 * :func:`solve_triangular` -- a triangular system `F(x) = y`, increasing in
   each coordinate, by sweeps of :func:`solve_monotone` over all coordinates
   at once (at most `d + 1`, stopping as soon as the whole map is within
@@ -106,26 +106,37 @@ def solve_monotone(
     initial: tf.Tensor | None = None,
     tol: float | None = None,
     max_iterations: int = 100,
-    max_bracket_iterations: int = 64,
     initial_width: float = 1.0,
 ) -> RootResult:
     """Solves `f(x) = y` elementwise for a strictly increasing `f`.
 
+    One loop does both phases, per element:
+
+    * **growing the bracket.** The start `x0` is one end of the bracket (the
+      lower end if `f(x0) < y`, else the upper end). While the other end is
+      unknown the next point is a Newton step, but never further than `width`
+      from the known end, or that known end plus (or minus) `width` when the
+      Newton step points the wrong way; `width` doubles each step, so a root
+      at distance `D` is bracketed in `O(log D)` steps even where `f` is flat.
+      Every point evaluated becomes the new lower or upper end, so the bracket
+      only ever moves towards the root;
+    * **shrinking it** (`rtsafe`): a Newton step when it falls strictly inside
+      the bracket and at least halves the previous step, else bisection. The
+      bracket at least halves every two steps, so this converges for any
+      continuous strictly increasing `f` whose range holds `y`; Newton makes
+      it quadratic near the root.
+
     Args:
       fn: maps `x` (shape of `y`) to `(f(x), f'(x))`, both the shape of `y`,
         acting elementwise (entry `i` of `f(x)` may only depend on entry `i` of
-        `x`). It must also accept a stack of points, `[n, *y.shape]`, and
-        broadcast over the extra leading axis (one traced call then serves
-        several points).
+        `x`).
       y: the targets, any shape.
       initial: a first guess, shape of `y` (default `y`, right for
         near-identity maps). Entries already within tolerance are returned
         unchanged after one evaluation.
       tol: relative tolerance, see the module docstring.
-      max_iterations: cap on the Newton/bisection steps.
-      max_bracket_iterations: cap on the bracket doublings; the bracket reaches
-        `initial +- 2**max_bracket_iterations`.
-      initial_width: half-width of the first bracket.
+      max_iterations: cap on the steps of both phases together.
+      initial_width: the first step of the bracket growth.
 
     Returns:
       A :class:`RootResult`; entries whose bracket could not be found, or that
@@ -137,106 +148,54 @@ def solve_monotone(
     x0 = y if initial is None else tf.convert_to_tensor(initial, dtype)
     x0 = tf.broadcast_to(x0, tf.shape(y))
     tolerance = _tolerance(y, tol)
-    eps = tf.constant(np.finfo(dtype.as_numpy_dtype).eps, dtype)
+    eps = np.finfo(dtype.as_numpy_dtype).eps
     # Entries whose target is not finite are passed through (NaN in, NaN out),
     # not reported as a convergence failure.
     finite_y = tf.math.is_finite(y)
 
-    def fn_stacked(*points):
-        # One traced call of `fn` for several points keeps the graph (and XLA's
-        # compile time) small; `fn` acts elementwise, so stacking is safe.
-        f, df = fn(tf.stack(points))
-        return tf.unstack(f, len(points)), tf.unstack(df, len(points))
+    def is_done(x, r, lo, hi, lo_ok, hi_ok):
+        at_resolution = lo_ok & hi_ok & ((hi - lo) <= 4.0 * eps * tf.maximum(tf.abs(x), 1.0))
+        return (tf.abs(r) <= tolerance) | at_resolution | ~finite_y
 
-    # Phase 1: grow the bracket. A side that lies on the wrong side of the root
-    # becomes the other end of the bracket, so the bracket only ever moves
-    # towards the root and its width doubles each step.
-    width0 = tf.fill(tf.shape(y), tf.constant(initial_width, dtype))
-    lo0, hi0 = x0 - width0, x0 + width0
-    (f0, flo0, fhi0), (df0, dflo0, dfhi0) = fn_stacked(x0, lo0, hi0)
+    f0, df0 = fn(x0)
     r0 = f0 - y
-    done0 = (tf.abs(r0) <= tolerance) | ~finite_y
+    lo_ok0, hi_ok0 = r0 <= 0, r0 >= 0
+    done0 = is_done(x0, r0, x0, x0, lo_ok0, hi_ok0)
+    width0 = tf.fill(tf.shape(y), tf.constant(initial_width, dtype))
 
-    def bracket_bad(flo, fhi):
-        return ((flo > y) | (fhi < y)) & ~done0
+    def cond(i, x, r, df, lo, hi, lo_ok, hi_ok, width, dx_old, done):
+        return (i < max_iterations) & ~tf.reduce_all(done)
 
-    def bracket_cond(i, lo, hi, flo, fhi, dflo, dfhi, width):
-        return (i < max_bracket_iterations) & tf.reduce_any(bracket_bad(flo, fhi))
-
-    def bracket_body(i, lo, hi, flo, fhi, dflo, dfhi, width):
-        width = 2.0 * width
-        too_high = (flo > y) & ~done0
-        too_low = (fhi < y) & ~done0 & ~too_high
-        new_lo = tf.where(too_high, lo - width, tf.where(too_low, hi, lo))
-        new_hi = tf.where(too_high, lo, tf.where(too_low, hi + width, hi))
-        (new_flo, new_fhi), (new_dflo, new_dfhi) = fn_stacked(new_lo, new_hi)
-        return i + 1, new_lo, new_hi, new_flo, new_fhi, new_dflo, new_dfhi, width
-
-    nb, lo, hi, flo, fhi, dflo, dfhi, _ = tf.while_loop(
-        bracket_cond,
-        bracket_body,
-        (tf.constant(0, tf.int32), lo0, hi0, flo0, fhi0, dflo0, dfhi0, width0),
-        maximum_iterations=max_bracket_iterations,
-    )
-    bracketed = (flo <= y) & (fhi >= y)
-
-    # Start from the guess when it is inside the bracket, else from the end of
-    # the bracket with the smaller residual (already evaluated).
-    inside = (x0 >= lo) & (x0 <= hi)
-    use_lo = tf.abs(flo - y) <= tf.abs(fhi - y)
-    keep = done0 | inside
-    x1 = tf.where(keep, x0, tf.where(use_lo, lo, hi))
-    r1 = tf.where(keep, r0, tf.where(use_lo, flo, fhi) - y)
-    df1 = tf.where(keep, df0, tf.where(use_lo, dflo, dfhi))
-
-    def is_done(x, r, lo, hi):
-        at_resolution = (hi - lo) <= 4.0 * eps * tf.maximum(tf.abs(x), 1.0)
-        return (tf.abs(r) <= tolerance) | (at_resolution & bracketed) | ~finite_y
-
-    done1 = done0 | is_done(x1, r1, lo, hi)
-
-    def cond(i, x, r, df, lo, hi, dx_old, done):
-        return (i < max_iterations) & ~tf.reduce_all(done | ~bracketed)
-
-    def body(i, x, r, df, lo, hi, dx_old, done):
-        active = ~done & bracketed
-        # Shrink the bracket with the current point first, so that a Newton
-        # step is only accepted strictly inside a bracket that holds the root.
-        lo = tf.where(active & (r < 0), x, lo)
-        hi = tf.where(active & (r > 0), x, hi)
+    def body(i, x, r, df, lo, hi, lo_ok, hi_ok, width, dx_old, done):
+        active = ~done
+        both = lo_ok & hi_ok
         newton = x - r / df
-        use_newton = (
-            tf.math.is_finite(newton)
-            & (newton > lo)
-            & (newton < hi)
-            & (tf.abs(2.0 * r) <= tf.abs(dx_old * df))
-        )
-        x_new = tf.where(use_newton, newton, 0.5 * (lo + hi))
+        finite = tf.math.is_finite(newton)
+        safe = finite & (newton > lo) & (newton < hi) & (tf.abs(2.0 * r) <= tf.abs(dx_old * df))
+        inside = tf.where(safe, newton, 0.5 * (lo + hi))
+        up = tf.where(finite & (newton > lo), tf.minimum(newton, lo + width), lo + width)
+        down = tf.where(finite & (newton < hi), tf.maximum(newton, hi - width), hi - width)
+        x_new = tf.where(both, inside, tf.where(lo_ok, up, down))
         f_new, df_new = fn(x_new)
         r_new = f_new - y
         dx_old = tf.where(active, tf.abs(x_new - x), dx_old)
+        width = tf.where(active & ~both, 2.0 * width, width)
         x = tf.where(active, x_new, x)
         r = tf.where(active, r_new, r)
         df = tf.where(active, df_new, df)
-        lo = tf.where(active & (r < 0), x, lo)
-        hi = tf.where(active & (r > 0), x, hi)
-        done = done | (active & is_done(x, r, lo, hi))
-        return i + 1, x, r, df, lo, hi, dx_old, done
+        below, above = active & (r_new <= 0), active & (r_new >= 0)
+        lo, lo_ok = tf.where(below, x_new, lo), lo_ok | below
+        hi, hi_ok = tf.where(above, x_new, hi), hi_ok | above
+        done = done | (active & is_done(x, r, lo, hi, lo_ok, hi_ok))
+        return i + 1, x, r, df, lo, hi, lo_ok, hi_ok, width, dx_old, done
 
-    ni, x, r, _, _, _, _, done = tf.while_loop(
+    n, x, r, _, _, _, _, _, _, _, done = tf.while_loop(
         cond,
         body,
-        (tf.constant(0, tf.int32), x1, r1, df1, lo, hi, hi - lo, done1),
+        (tf.constant(0, tf.int32), x0, r0, df0, x0, x0, lo_ok0, hi_ok0, width0, 2.0 * width0, done0),
         maximum_iterations=max_iterations,
     )
-    converged = done & (bracketed | done0)
-    return RootResult(
-        x=x,
-        residual=tf.abs(r),
-        tolerance=tolerance,
-        num_iterations=nb + ni,
-        converged=converged,
-    )
+    return RootResult(x=x, residual=tf.abs(r), tolerance=tolerance, num_iterations=n, converged=done)
 
 
 def solve_triangular(
@@ -379,8 +338,7 @@ def check_converged(result: RootResult, *, what: str) -> tf.Tensor:
                 f"{result.tolerance.numpy()[bad][worst]:.3g}. Raise max_iterations (or tol)."
             )
         return result.x
-    worst = tf.reduce_max(tf.where(result.converged, tf.zeros_like(result.residual),
-                                   result.residual))
+    worst = tf.reduce_max(tf.where(result.converged, tf.zeros_like(result.residual), result.residual))
     assert_op = tf.debugging.Assert(
         ok,
         [

@@ -17,8 +17,10 @@ In both, the Jacobian is triangular, so
 
 The sequential direction solves the triangular system by :math:`d` sweeps of
 the parallel one starting from zero (sweep :math:`k` fixes coordinate
-:math:`k`), in a `tf.while_loop` with a static trip count, so it runs
-eagerly, under `tf.function` and under XLA, and is differentiable.
+:math:`k`), in a `tf.while_loop` with a static trip count, so it runs eagerly, under
+`tf.function` and under XLA, and is differentiable. Eagerly it costs :math:`d`
+rounds of small op calls; wrap sequential directions in `tf.function` when
+they are called often.
 
 The transformer is a `neutra_flows.bijectors.Transformer` (``num_params`` raw
 parameters per coordinate, the identity at zero parameters):
@@ -98,15 +100,20 @@ class _Autoregressive(tfb.Bijector):
         check_event_size(h, self._event_size, self.name)
         return self._conditioner(h)
 
-    def _solve(self, step: Callable[[tf.Tensor], tf.Tensor], like: tf.Tensor) -> tf.Tensor:
-        """Finds `h = step(params(h))` by `d` parallel sweeps from `h = 0`."""
-        size = check_event_size(like, self._event_size, self.name)
+    def _solve(self, target: tf.Tensor, direction: str) -> tf.Tensor:
+        """Solves ``h = tau_direction(target; params(h))`` by `d` parallel sweeps from 0.
+
+        Sweep `k` fixes coordinate `k`, because `params(h)[k]` depends on
+        `h[:k]` only.
+        """
+        size = check_event_size(target, self._event_size, self.name)
+        step = self._transformer.forward if direction == "forward" else self._transformer.inverse
 
         def body(h):
-            return (step(self._conditioner(h)),)
+            return (step(target, self._conditioner(h)),)
 
         # A static trip count keeps the loop compilable by XLA and differentiable.
-        (h,) = tf.while_loop(lambda _: True, body, (tf.zeros_like(like),), maximum_iterations=size)
+        (h,) = tf.while_loop(lambda _: True, body, (tf.zeros_like(target),), maximum_iterations=size)
         return h
 
 
@@ -157,7 +164,7 @@ class IAF(_Autoregressive):
         return tf.reduce_sum(self._transformer.forward_log_det(x, self._params(x)), axis=-1)
 
     def _inverse(self, y):
-        return self._solve(lambda params: self._transformer.inverse(y, params), y)
+        return self._solve(y, "inverse")
 
 
 class MAF(_Autoregressive):
@@ -197,7 +204,7 @@ class MAF(_Autoregressive):
         )
 
     def _forward(self, x):
-        return self._solve(lambda params: self._transformer.forward(x, params), x)
+        return self._solve(x, "forward")
 
     def _inverse(self, y):
         return self._transformer.inverse(y, self._params(y))

@@ -153,15 +153,9 @@ class BlockNeuralAutoregressive(tfb.Bijector):
                     diag_mask[i, :, i, :] = 1.0
                     lower_mask[i, :, :i, :] = 1.0
                 np_dtype = dtype.as_numpy_dtype
-                self.weights.append(
-                    tf.Variable(raw.reshape(d * q, d * p).astype(np_dtype), name=f"w{k}")
-                )
-                self._diag_masks.append(
-                    tf.constant(diag_mask.reshape(d * q, d * p).astype(np_dtype))
-                )
-                self._lower_masks.append(
-                    tf.constant(lower_mask.reshape(d * q, d * p).astype(np_dtype))
-                )
+                self.weights.append(tf.Variable(raw.reshape(d * q, d * p).astype(np_dtype), name=f"w{k}"))
+                self._diag_masks.append(tf.constant(diag_mask.reshape(d * q, d * p).astype(np_dtype)))
+                self._lower_masks.append(tf.constant(lower_mask.reshape(d * q, d * p).astype(np_dtype)))
                 self.biases.append(tf.Variable(tf.zeros([d * q], dtype), name=f"b{k}"))
                 if k < len(blocks) - 2:
                     self.gates.append(tf.Variable(tf.zeros([d * q], dtype), name=f"g{k}"))
@@ -188,9 +182,7 @@ class BlockNeuralAutoregressive(tfb.Bijector):
             # exp only where the mask keeps it, so unused entries cannot overflow.
             w = dm * tf.exp(dm * raw) + lm * raw
             blocks4 = tf.reshape(raw, [d, q, d, p])
-            log_diag = tf.transpose(
-                tf.linalg.diag_part(tf.transpose(blocks4, [1, 3, 0, 2])), [2, 0, 1]
-            )
+            log_diag = tf.transpose(tf.linalg.diag_part(tf.transpose(blocks4, [1, 3, 0, 2])), [2, 0, 1])
             layers.append((w, log_diag, get(self.biases[k])))
         betas = [tf.math.expm1(get(g)) for g in self.gates]
         return layers, betas
@@ -266,9 +258,7 @@ class BlockNeuralAutoregressive(tfb.Bijector):
         f, _ = self._network(x, self._params(), with_log_diag=False)
         jac = self._jacobian(x, frozen)
         step = tf.linalg.triangular_solve(jac, (f - y)[..., None], lower=True)[..., 0]
-        converged = tf.broadcast_to(
-            tf.reduce_all(res.converged, axis=-1, keepdims=True), tf.shape(x)
-        )
+        converged = tf.broadcast_to(tf.reduce_all(res.converged, axis=-1, keepdims=True), tf.shape(x))
         return res._replace(x=x - step, converged=converged)
 
     def _jacobian(self, x, params):

@@ -43,8 +43,7 @@ def make_permutation(
         if permutation == "random":
             return np.random.default_rng(int(seed)).permutation(d).astype(np.int32)
         raise ValueError(
-            f"permutation must be one of {_PERMUTATIONS} or a sequence of ints, "
-            f"got {permutation!r}"
+            f"permutation must be one of {_PERMUTATIONS} or a sequence of ints, got {permutation!r}"
         )
     perm = np.asarray(permutation)
     if perm.shape != (d,) or sorted(perm.tolist()) != list(range(d)):

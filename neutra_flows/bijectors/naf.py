@@ -158,15 +158,10 @@ class DeepSigmoidalTransformer(Transformer):
         return res._replace(x=x)
 
     def inverse(self, y: tf.Tensor, params: tf.Tensor) -> tf.Tensor:
-        return check_converged(
-            self.inverse_with_info(y, params), what="DeepSigmoidalTransformer.inverse"
-        )
+        return check_converged(self.inverse_with_info(y, params), what="DeepSigmoidalTransformer.inverse")
 
     def __repr__(self) -> str:
-        return (
-            f"DeepSigmoidalTransformer(num_components={self.num_components}, "
-            f"min_slope={self.min_slope})"
-        )
+        return f"DeepSigmoidalTransformer(num_components={self.num_components}, min_slope={self.min_slope})"
 
 
 class NAF(IAF):
@@ -225,18 +220,14 @@ class NAF(IAF):
     ):
         transformer = DeepSigmoidalTransformer() if transformer is None else transformer
         if not isinstance(transformer, DeepSigmoidalTransformer):
-            raise ValueError(
-                f"transformer must be a DeepSigmoidalTransformer, got {transformer!r}"
-            )
+            raise ValueError(f"transformer must be a DeepSigmoidalTransformer, got {transformer!r}")
         num_params = getattr(conditioner, "num_params", transformer.num_params)
         if num_params != transformer.num_params:
             raise ValueError(
                 f"the conditioner gives {num_params} parameters per coordinate, the "
                 f"transformer needs {transformer.num_params} (3 * num_components)"
             )
-        super().__init__(
-            conditioner, transformer=transformer, validate_args=validate_args, name=name
-        )
+        super().__init__(conditioner, transformer=transformer, validate_args=validate_args, name=name)
 
     def inverse_with_info(self, y) -> RootResult:
         """The inverse without the convergence check, with its diagnostics.

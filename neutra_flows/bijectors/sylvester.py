@@ -104,9 +104,7 @@ class HouseholderSylvester(tfb.Bijector):
         self._max_iterations = check_positive_int(max_iterations, "max_iterations")
         rng = np.random.default_rng(int(seed))
         with tf.name_scope(name):
-            self.householder = tf.Variable(
-                rng.standard_normal([k, d]).astype(np_dtype), name="householder"
-            )
+            self.householder = tf.Variable(rng.standard_normal([k, d]).astype(np_dtype), name="householder")
             # Strict upper part: R (above the diagonal) and R~ (the transpose
             # of the strict lower part) share one square variable.
             self.off_diagonal = tf.Variable(tf.zeros([d, d], dtype), name="off_diagonal")
@@ -141,9 +139,7 @@ class HouseholderSylvester(tfb.Bijector):
     def _reflect(x, v):
         """`H x` for `H = I - 2 v v^T / |v|^2`."""
         tiny = np.finfo(v.dtype.as_numpy_dtype).tiny
-        coef = 2.0 * tf.reduce_sum(x * v, axis=-1, keepdims=True) / (
-            tf.reduce_sum(v * v) + tiny
-        )
+        coef = 2.0 * tf.reduce_sum(x * v, axis=-1, keepdims=True) / (tf.reduce_sum(v * v) + tiny)
         return x - coef * v
 
     def _q_transpose(self, z, vs):
@@ -211,15 +207,12 @@ class HouseholderSylvester(tfb.Bijector):
         th = tf.tanh(tf.einsum("...j,ij->...i", v, rt_l) + b_l)
         f = v + tf.einsum("...j,ij->...i", th, r_l)
         jac = tf.stop_gradient(
-            tf.eye(d, dtype=y.dtype)
-            + tf.einsum("ij,...j,jk->...ik", r, 1.0 - tf.square(th), rt)
+            tf.eye(d, dtype=y.dtype) + tf.einsum("ij,...j,jk->...ik", r, 1.0 - tf.square(th), rt)
         )
         delta = f - self._q_transpose(y, vs_l)
         step = tf.linalg.triangular_solve(jac, delta[..., None], lower=False)[..., 0]
         x = self._q(v - step, vs_l)
-        converged = tf.broadcast_to(
-            tf.reduce_all(res.converged, axis=-1, keepdims=True), tf.shape(x)
-        )
+        converged = tf.broadcast_to(tf.reduce_all(res.converged, axis=-1, keepdims=True), tf.shape(x))
         return res._replace(x=x, converged=converged)
 
     def _inverse(self, y):

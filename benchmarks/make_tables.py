@@ -1,0 +1,57 @@
+"""Turns bench_out/*/results.json (written by `neutra-flows bench --out`) into Markdown tables.
+
+    python benchmarks/make_tables.py bench_out > tables.md
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+
+
+def _fmt(x, digits=3):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if isinstance(x, (int,)) or (isinstance(x, float) and x.is_integer() and abs(x) >= 10):
+        return f"{int(x)}"
+    return f"{x:.{digits}g}"
+
+
+def rows(folder: str):
+    for path in sorted(glob.glob(os.path.join(folder, "*", "results.json"))):
+        with open(path) as fh:
+            yield os.path.basename(os.path.dirname(path)), json.load(fh)
+
+
+def table(folder: str) -> str:
+    head = ("| run | flow | fit s | KL est. (-ELBO) | k-hat | NeuTra ESS/grad | NUTS ESS/grad | ratio "
+            "| ESS/s incl. training, NeuTra / NUTS | NeuTra div. | max bias/MCSE | std ratio range "
+            "| max R-hat | goals missed |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, res in rows(folder):
+        table = res["table"]
+        labels = list(table)
+        neutra = table[labels[0]]
+        base = table[labels[1]] if len(labels) > 1 else {}
+        ratio = (neutra.get("ess_per_grad") or 0) / base["ess_per_grad"] if base.get("ess_per_grad") else None
+        total = ((neutra.get("ess_per_second_total") or 0) / base["ess_per_second_total"]
+                 if base.get("ess_per_second_total") else None)
+        missed = [g["goal"] for g in res["goals"] if g["met"] is False]
+        std = (f"{_fmt(neutra.get('min_std_ratio'))}-{_fmt(neutra.get('max_std_ratio'))}"
+               if neutra.get("min_std_ratio") is not None else "n/a")
+        lines.append(
+            f"| {name} | {res['settings']['flow']} | {_fmt(res['fit']['wall_time'])} "
+            f"| {_fmt(-res['fit']['elbo'] if res['fit']['elbo'] is not None else None)} "
+            f"| {_fmt(res['fit']['khat'])} | {_fmt(neutra.get('ess_per_grad'))} "
+            f"| {_fmt(base.get('ess_per_grad'))} | {_fmt(ratio)}x | {_fmt(total)}x "
+            f"| {_fmt(neutra.get('divergences'))} | {_fmt(neutra.get('max_abs_error_mcse'))} | {std} "
+            f"| {_fmt(neutra.get('max_rhat'), 4)} | {'; '.join(missed) if missed else 'none'} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(sys.argv[1] if len(sys.argv) > 1 else "bench_out"))

@@ -1,0 +1,134 @@
+"""make_flow: names, options, errors and flow_config (construction only; cheap)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from neutra_flows import FLOW_NAMES, make_flow
+
+tfb = tfp.bijectors
+
+CORE = ("iaf", "maf", "realnvp", "nsf", "nsf_ar", "affine_diag", "affine_tril", "identity")
+NETWORK = ("iaf", "maf", "realnvp", "nsf", "nsf_ar")
+
+
+def test_core_flows_are_registered():
+    assert set(CORE) <= set(FLOW_NAMES)
+    assert len(set(FLOW_NAMES)) == len(FLOW_NAMES)
+
+
+def test_unknown_name_lists_the_choices():
+    with pytest.raises(ValueError, match="choose one of") as info:
+        make_flow("glow", 3)
+    for name in CORE:
+        assert repr(name) in str(info.value)
+    with pytest.raises(ValueError, match="unknown flow"):
+        make_flow(3, 3)
+
+
+@pytest.mark.parametrize("event_size", [0, -1, 2.5, True, "3", None])
+def test_bad_event_size(event_size):
+    with pytest.raises(ValueError, match="event_size"):
+        make_flow("iaf", event_size)
+
+
+@pytest.mark.parametrize("dtype", [tf.int32, "float16", "banana", np.complex64])
+def test_bad_dtype(dtype):
+    with pytest.raises(ValueError, match="float32 or float64"):
+        make_flow("affine_diag", 2, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "name,options,match",
+    [
+        ("iaf", {"hidden_units": []}, "hidden_units"),
+        ("iaf", {"hidden_units": [8, 0]}, "hidden_units"),
+        ("iaf", {"hidden_units": "8"}, "hidden_units"),
+        ("maf", {"num_layers": 0}, "num_layers"),
+        ("maf", {"num_layers": 2.0}, "num_layers"),
+        ("realnvp", {"permutation": "sideways"}, "reverse"),
+        ("realnvp", {"activation": "no_such_activation"}, "activation"),
+        ("realnvp", {"activation": 3}, "activation"),
+        ("nsf", {"num_bins": 1}, "num_bins"),
+        ("nsf", {"bound": 0.0}, "bound"),
+        ("nsf_ar", {"bound": float("inf")}, "bound"),
+        ("nsf_ar", {"seed": -1}, "seed"),
+        ("iaf", {"width": 8}, "unknown option"),
+        ("affine_diag", {"hidden_units": [8]}, "allowed: none"),
+        ("identity", {"num_layers": 2}, "unknown option"),
+    ],
+)
+def test_bad_options_raise_and_name_what_is_allowed(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        make_flow(name, 3, **options)
+
+
+def test_unknown_option_message_lists_the_allowed_ones():
+    with pytest.raises(ValueError) as info:
+        make_flow("nsf", 3, widths=[4])
+    for key in ("num_layers", "hidden_units", "activation", "permutation", "seed", "num_bins", "bound"):
+        assert key in str(info.value)
+
+
+def test_option_given_twice_raises():
+    with pytest.raises(ValueError, match="given in options and as keywords"):
+        make_flow("iaf", 3, options={"num_layers": 2}, num_layers=3)
+
+
+def test_default_hidden_units_follow_the_event_size():
+    assert make_flow("iaf", 3).flow_config["options"]["hidden_units"] == [32, 32]
+    assert make_flow("iaf", 40, num_layers=1).flow_config["options"]["hidden_units"] == [40, 40]
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_flow_config_is_json_and_rebuilds_the_same_structure(name):
+    flow = make_flow(name, 4, dtype=tf.float64)
+    config = flow.flow_config
+    assert config["name"] == name and config["event_size"] == 4 and config["dtype"] == "float64"
+    again = make_flow(**json.loads(json.dumps(config)))
+    assert again.flow_config == config
+    assert [v.shape for v in again.variables] == [v.shape for v in flow.variables]
+    assert all(v.dtype == tf.float64 for v in flow.variables)
+    assert flow.exact_log_det is True
+    assert flow.forward_min_event_ndims == 1 and isinstance(flow, tfb.Bijector)
+    if name != "identity":
+        assert len(flow.trainable_variables) > 0
+    # The config is a copy: editing it does not change the flow.
+    config["options"]["edited"] = True
+    assert "edited" not in flow.flow_config["options"]
+
+
+def _permutations(flow):
+    return [layer.permutation.numpy().tolist() for layer in flow.layers if isinstance(layer, tfb.Permute)]
+
+
+@pytest.mark.parametrize("name", NETWORK)
+def test_random_permutations_are_seeded_and_undone(name):
+    a = make_flow(name, 6, num_layers=3, hidden_units=[4], permutation="random", seed=1)
+    b = make_flow(name, 6, num_layers=3, hidden_units=[4], permutation="random", seed=1)
+    c = make_flow(name, 6, num_layers=3, hidden_units=[4], permutation="random", seed=2)
+    assert _permutations(a) == _permutations(b)
+    assert _permutations(a) != _permutations(c)
+    # Layers, permutations and the final undo compose to the identity order.
+    total = np.arange(6)
+    for perm in _permutations(a):
+        total = total[perm]
+    np.testing.assert_array_equal(total, np.arange(6))
+
+
+@pytest.mark.parametrize("num_layers,expected", [(1, 0), (2, 2), (3, 2), (4, 4)])
+def test_reverse_stacks_end_in_input_order(num_layers, expected):
+    flow = make_flow("iaf", 5, num_layers=num_layers, hidden_units=[4])
+    assert len(_permutations(flow)) == expected
+
+
+def test_event_size_one_has_no_permutations_and_learnable_layers():
+    for name in NETWORK:
+        flow = make_flow(name, 1, hidden_units=[4])
+        assert _permutations(flow) == []
+        assert len(flow.trainable_variables) > 0
