@@ -27,7 +27,7 @@ def rows(folder: str):
 
 
 def table(folder: str) -> str:
-    head = ("| run | flow | fit s | KL est. (-ELBO) | k-hat | NeuTra ESS/grad | NUTS ESS/grad | ratio "
+    head = ("| run | flow | fit s | -ELBO (KL if normalised) | k-hat | NeuTra ESS/grad | NUTS ESS/grad | ratio "
             "| ESS/s incl. training, NeuTra / NUTS | NeuTra div. | max bias/MCSE | std ratio range "
             "| max R-hat | goals missed |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]

@@ -17,7 +17,7 @@ import os as _os
 # chosen one. It must be set before TensorFlow is first imported.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from neutra_flows import bijectors, targets  # noqa: E402
+from neutra_flows import bench, bijectors, plots, targets  # noqa: E402
 from neutra_flows.diagnostics import compare  # noqa: E402
 from neutra_flows.flows import FLOW_NAMES, make_flow  # noqa: E402
 from neutra_flows.io import load_flow, save_flow  # noqa: E402
@@ -33,7 +33,9 @@ __all__ = [
     "FitResult",
     "NeuTraKernel",
     "Target",
+    "bench",
     "bijectors",
+    "plots",
     "compare",
     "fit",
     "fit_to_data",

@@ -61,8 +61,7 @@ _NAN = float("nan")
 def _float64_posterior(idata: Any) -> xr.Dataset:
     if not hasattr(idata, "posterior"):
         raise ValueError(
-            "compare expects arviz.InferenceData with a posterior group, got "
-            f"{type(idata).__name__}"
+            f"compare expects arviz.InferenceData with a posterior group, got {type(idata).__name__}"
         )
     posterior = idata.posterior
     return posterior.map(lambda v: v.astype(np.float64), keep_attrs=True)

@@ -147,9 +147,7 @@ def _check_flow(flow: Any, target: Any) -> None:
     """Raises ValueError unless `flow` maps `[d]` to `[d]` with a finite exact log-det."""
     d = int(target.event_size)
     if not isinstance(flow, tfb.Bijector):
-        raise ValueError(
-            f"flow must be a tfp.bijectors.Bijector or a FitResult, got {type(flow).__name__}"
-        )
+        raise ValueError(f"flow must be a tfp.bijectors.Bijector or a FitResult, got {type(flow).__name__}")
     if getattr(flow, "exact_log_det", True) is False:
         raise ValueError(
             f"flow {_flow_name(flow)!r} has a stochastic log-det estimate "
@@ -158,8 +156,7 @@ def _check_flow(flow: Any, target: Any) -> None:
     config = getattr(flow, "flow_config", None)
     if isinstance(config, dict) and "event_size" in config and int(config["event_size"]) != d:
         raise ValueError(
-            f"flow {_flow_name(flow)!r} has event size {config['event_size']} but the target "
-            f"has event size {d}"
+            f"flow {_flow_name(flow)!r} has event size {config['event_size']} but the target has event size {d}"
         )
     u = tf.zeros([d], dtype=target.dtype)
     # Whatever a flow raises on one [d] vector (shape, dtype), it does not fit the target.
@@ -244,9 +241,7 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
     ):
         _check_target(target)
         kind = _check_kernel_name(kernel)
-        num_adaptation_steps = check_positive_int(
-            num_adaptation_steps, "num_adaptation_steps", minimum=0
-        )
+        num_adaptation_steps = check_positive_int(num_adaptation_steps, "num_adaptation_steps", minimum=0)
         max_tree_depth = check_positive_int(max_tree_depth, "max_tree_depth")
         max_leapfrog_steps = check_positive_int(max_leapfrog_steps, "max_leapfrog_steps")
         if num_leapfrog_steps is not None:
@@ -264,9 +259,7 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
             raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob}")
         init_trajectory_length = float(init_trajectory_length)
         if not (math.isfinite(init_trajectory_length) and init_trajectory_length > 0):
-            raise ValueError(
-                f"init_trajectory_length must be positive, got {init_trajectory_length}"
-            )
+            raise ValueError(f"init_trajectory_length must be positive, got {init_trajectory_length}")
 
         self._parameters = dict(
             target=target,
@@ -362,9 +355,7 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
                 inner = transformed.bootstrap_results(transformed_init_state=u)
             else:
                 u = None
-                inner = transformed.bootstrap_results(
-                    init_state=tf.convert_to_tensor(init_state, dtype)
-                )
+                inner = transformed.bootstrap_results(init_state=tf.convert_to_tensor(init_state, dtype))
                 u = inner.transformed_state
             if self._uses_chees:
                 # ChEES starts its iterate average at 0; with no adaptation steps that
@@ -372,9 +363,7 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
                 # step overwrites the average (its weight is 1), so this only matters then.
                 chees = inner.inner_results
                 inner = inner._replace(
-                    inner_results=chees._replace(
-                        averaged_max_trajectory_length=chees.max_trajectory_length
-                    )
+                    inner_results=chees._replace(averaged_max_trajectory_length=chees.max_trajectory_length)
                 )
             # Dual averaging only reads shapes from the state; `u` has z's shape.
             return self._kernel._bootstrap_from_inner_results(u, inner)
@@ -419,9 +408,7 @@ class _ListState(tfp.mcmc.TransitionKernel):
         return self.inner_kernel.is_calibrated
 
     def one_step(self, current_state, previous_kernel_results, seed=None):
-        state, results = self.inner_kernel.one_step(
-            [current_state], previous_kernel_results, seed=seed
-        )
+        state, results = self.inner_kernel.one_step([current_state], previous_kernel_results, seed=seed)
         return state[0], results
 
     def bootstrap_results(self, init_state):
@@ -510,10 +497,7 @@ def _kinetic_energy(momentum, results, chain_ndims):
     parts = tf.nest.flatten(momentum)
     distribution = unnest.get_innermost(results, "momentum_distribution", default=None)
     if distribution is None:
-        return sum(
-            0.5 * tf.reduce_sum(tf.square(p), axis=tf.range(chain_ndims, tf.rank(p)))
-            for p in parts
-        )
+        return sum(0.5 * tf.reduce_sum(tf.square(p), axis=tf.range(chain_ndims, tf.rank(p))) for p in parts)
     zeros = tf.nest.map_structure(tf.zeros_like, momentum)
     return distribution.log_prob(zeros) - distribution.log_prob(momentum)
 
@@ -541,9 +525,7 @@ def _draw_stats(results) -> dict[str, tf.Tensor]:
     chain_ndims = tf.rank(lar)
     kinetic_final = _kinetic_energy(proposed.final_momentum, proposed, chain_ndims)
     kinetic_initial = _kinetic_energy(proposed.initial_momentum, proposed, chain_ndims)
-    energy = -accepted.target_log_prob + tf.where(
-        core.is_accepted, kinetic_final, kinetic_initial
-    )
+    energy = -accepted.target_log_prob + tf.where(core.is_accepted, kinetic_final, kinetic_initial)
     safe = tf.where(tf.math.is_nan(lar), tf.constant(-np.inf, lar.dtype), lar)
     return dict(
         diverging=~(lar > -_DIVERGENCE_ENERGY),
@@ -586,8 +568,7 @@ def _make_advance(kernel, buffer_size: int, jit_compile: bool):
             index = [[tf.math.floormod(i, buffer_size)]]
             values = dict(z=state, **stats)
             buffers = {
-                k: tf.tensor_scatter_nd_update(buffers[k], index, values[k][tf.newaxis])
-                for k in buffers
+                k: tf.tensor_scatter_nd_update(buffers[k], index, values[k][tf.newaxis]) for k in buffers
             }
             return i + 1, state, results, seed, grads, divs, buffers
 
@@ -632,9 +613,7 @@ def _cached_advance(key: tuple, kernel) -> Any:
     if entry is None or entry["kernel"] is not kernel:
         return _make_advance(kernel, buffer_size, jit_compile)
     if (buffer_size, jit_compile) not in entry["advance"]:
-        entry["advance"][(buffer_size, jit_compile)] = _make_advance(
-            kernel, buffer_size, jit_compile
-        )
+        entry["advance"][(buffer_size, jit_compile)] = _make_advance(kernel, buffer_size, jit_compile)
     return entry["advance"][(buffer_size, jit_compile)]
 
 
@@ -776,8 +755,7 @@ def sample(
         z_given = np.asarray(init_state, dtype=dtype.as_numpy_dtype)
         if z_given.shape != (num_chains, d):
             raise ValueError(
-                f"init_state must have shape [num_chains, d] = [{num_chains}, {d}], "
-                f"got {z_given.shape}"
+                f"init_state must have shape [num_chains, d] = [{num_chains}, {d}], got {z_given.shape}"
             )
         _check_start(target, z_given, "init_state")
 
@@ -816,9 +794,7 @@ def sample(
         flow_name = _flow_name(bijector)
     else:
         if kind == "hmc" and num_leapfrog_steps is None:
-            raise ValueError(
-                "the baseline HMC (flow=None) needs num_leapfrog_steps; or use kernel='nuts'"
-            )
+            raise ValueError("the baseline HMC (flow=None) needs num_leapfrog_steps; or use kernel='nuts'")
         mcmc_kernel = _cached_kernel(
             cache_key,
             lambda: _baseline_kernel(
@@ -880,9 +856,7 @@ def sample(
     grads_warmup = divs_warmup = 0
     start = time.perf_counter()
     for n in warm_chunks:
-        state, results, loop_seed, g, v, _ = advance(
-            state, results, loop_seed, tf.constant(n, tf.int32)
-        )
+        state, results, loop_seed, g, v, _ = advance(state, results, loop_seed, tf.constant(n, tf.int32))
         grads_warmup += int(g)
         divs_warmup += int(v)
         if bar is not None:
@@ -895,9 +869,7 @@ def sample(
     grads_sampling = divs_sampling = 0
     start = time.perf_counter()
     for n in sample_chunks:
-        state, results, loop_seed, g, v, buffers = advance(
-            state, results, loop_seed, tf.constant(n, tf.int32)
-        )
+        state, results, loop_seed, g, v, buffers = advance(state, results, loop_seed, tf.constant(n, tf.int32))
         grads_sampling += int(g)
         divs_sampling += int(v)
         pieces.append({k: b.numpy()[:n] for k, b in buffers.items()})
@@ -959,8 +931,11 @@ def sample(
         warnings.warn(
             f"{sampler} on {attrs['target']}: {divs_sampling} of {num_chains * num_samples} "
             f"post-warm-up transitions diverged ({divs_sampling / (num_chains * num_samples):.1%});"
-            " the draws may be biased. Train the flow longer, use NUTS, or raise "
-            "target_accept_prob.",
+            " the draws may be biased. "
+            + ("Train the flow longer, use NUTS, or raise target_accept_prob."
+               if bijector is not None else
+               "Raise target_accept_prob, reparameterise the model, or precondition it "
+               "with a flow (NeuTra)."),
             RuntimeWarning,
             stacklevel=2,
         )

@@ -62,6 +62,29 @@ def made_masks(event_size: int, num_params: int, hidden_units: Sequence[int]) ->
     return [m.astype(np.float64) for m in masks]
 
 
+def _flatten_batch(x: tf.Tensor, size: int) -> tf.Tensor:
+    """``[..., size] -> [N, size]`` (a no-op for rank-2 inputs)."""
+    if x.shape.rank == 2:
+        return x
+    return tf.reshape(x, [-1, size])
+
+
+def _output_shape(like: tf.Tensor, trailing: Sequence[int]) -> list[int] | tf.Tensor:
+    """``[*like.shape[:-1], *trailing]``, as Python ints when known statically."""
+    batch = like.shape[:-1]
+    # Static shapes (always the case eagerly) avoid shape ops on every call.
+    if batch.is_fully_defined():
+        return [*batch.as_list(), *trailing]
+    return tf.concat([tf.shape(like)[:-1], trailing], axis=0)
+
+
+def _unflatten_batch(h: tf.Tensor, like: tf.Tensor, trailing: Sequence[int]) -> tf.Tensor:
+    """``[N, prod(trailing)] -> [*like.shape[:-1], *trailing]``."""
+    out = tf.reshape(h, _output_shape(like, trailing))
+    out.set_shape(like.shape[:-1].concatenate(trailing))
+    return out
+
+
 class _Dense(tf_keras.layers.Layer):
     """Shared machinery: a stack of (optionally masked) dense layers on ``[N, fan_in]``."""
 
@@ -147,11 +170,8 @@ class MADE(_Dense):
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
         x = tf.convert_to_tensor(x, dtype=self.dtype)
-        batch_shape = tf.shape(x)[:-1]
-        h = self._run(tf.reshape(x, [-1, self.event_size]), self._masks)
-        out = tf.reshape(h, tf.concat([batch_shape, [self.event_size, self.num_params]], axis=0))
-        out.set_shape(x.shape[:-1].concatenate([self.event_size, self.num_params]))
-        return out
+        h = self._run(_flatten_batch(x, self.event_size), self._masks)
+        return _unflatten_batch(h, x, [self.event_size, self.num_params])
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -218,15 +238,13 @@ class MLP(_Dense):
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
         x = tf.convert_to_tensor(x, dtype=self.dtype)
-        batch_shape = tf.shape(x)[:-1]
-        out_shape = tf.concat([batch_shape, self.target_shape], axis=0)
         if self.input_size == 0:
-            out = tf.broadcast_to(tf.reshape(self._biases[-1], self.target_shape), out_shape)
-        else:
-            h = self._run(tf.reshape(x, [-1, self.input_size]), None)
-            out = tf.reshape(h, out_shape)
-        out.set_shape(x.shape[:-1].concatenate(self.target_shape))
-        return out
+            constant = tf.reshape(self._biases[-1], self.target_shape)
+            out = tf.broadcast_to(constant, _output_shape(x, self.target_shape))
+            out.set_shape(x.shape[:-1].concatenate(self.target_shape))
+            return out
+        h = self._run(_flatten_batch(x, self.input_size), None)
+        return _unflatten_batch(h, x, self.target_shape)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

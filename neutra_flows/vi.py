@@ -68,7 +68,7 @@ from neutra_flows.targets import Target
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
-__all__ = ["DataFitResult", "FitResult", "fit", "fit_to_data", "psis_diagnostics"]
+__all__ = ["DataFitResult", "FitResult", "default_learning_rate", "fit", "fit_to_data", "psis_diagnostics"]
 
 KHAT_THRESHOLD = 0.7
 
@@ -294,7 +294,7 @@ def _check_flow(flow: Any, event_size: int, dtype: tf.DType) -> list[tf.Variable
     probe = tf.zeros([2, event_size], dtype)
     try:
         out = flow.forward(probe)
-    except Exception as err:  # noqa: BLE001 - re-raised with context
+    except Exception as err:  # any failure here means a mismatched flow: re-raised with context
         raise ValueError(
             f"flow.forward failed on points of shape [2, {event_size}] ({dtype.name}): {err}. "
             f"Was the flow built with event_size={event_size} and dtype={dtype.name}?"
@@ -584,12 +584,15 @@ def fit(
         log_q, log_p = neg_elbo_terms(tf.random.experimental.stateless_fold_in(diag_seed, i), n)
         log_w.append((log_p - log_q).numpy().astype(np.float64))
     log_w = np.concatenate(log_w)
-    finite = np.isfinite(log_w)
-    if finite.any():
-        elbo = float(np.mean(log_w[finite])) if finite.all() else float(np.mean(log_w))
-        elbo_se = float(np.std(log_w[finite]) / math.sqrt(finite.sum()))
-    else:
+    # NaN draws are dropped (psis_diagnostics reports them); -inf (q has mass where
+    # p has none) makes the ELBO -inf, which is the truth.
+    valid = log_w[~np.isnan(log_w)]
+    if valid.size == 0:
         elbo, elbo_se = float("nan"), float("nan")
+    elif np.all(np.isfinite(valid)):
+        elbo, elbo_se = float(np.mean(valid)), float(np.std(valid) / math.sqrt(valid.size))
+    else:
+        elbo, elbo_se = float(np.mean(valid)), float("inf")
     khat, ess, psis_notes = psis_diagnostics(log_w)
     notes.extend(psis_notes)
 

@@ -90,12 +90,13 @@ def test_the_issue_2_flows_are_registered():
 
 
 # float32 at every batch shape and float64 (the tight tolerance) at the richest
-# one; at d = 16 (the slowest eager case) only the richest batch shape.
+# one; at d = 16 (the slowest case eagerly: 32 network passes per sequential
+# solve) float32 at the richest batch shape only.
 ROUND_TRIP_CASES = [
     (d, shape, dtype)
     for d in SIZES
     for shape, dtype in [*((s, tf.float32) for s in BATCH_SHAPES), ((3, 4), tf.float64)]
-    if d < 16 or shape == (3, 4)
+    if d < 16 or (shape, dtype) == ((3, 4), tf.float32)
 ]
 
 
@@ -136,7 +137,7 @@ def test_round_trip_and_log_det_signs(name, event_size, batch_shape, dtype):
 
 
 def test_tiled_jacobian_matches_batch_jacobian():
-    flow = perturbed_flow("maf", 5, tf.float64)
+    flow = perturbed_flow("iaf", 5, tf.float64)
     x = draw((4, 5), tf.float64)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
@@ -229,9 +230,21 @@ def _all_directions(flow, with_gradients):
 XLA_CASES = [(name, 5) for name in NAMES] + [("realnvp", 1)]
 
 
+@functools.cache
+def one_layer_flow(name: str, event_size: int):
+    options = {**FLOWS[name], "num_layers": 1} if "num_layers" in FLOWS[name] else FLOWS[name]
+    flow = make_flow(name, event_size, **options)
+    rng = np.random.default_rng(4321)
+    for var in flow.variables:
+        var.assign(rng.normal(scale=PERTURB_SCALE, size=var.shape).astype(np.float32))
+    return flow
+
+
 @pytest.mark.parametrize("name,event_size", XLA_CASES)
 def test_eager_function_and_xla_agree(name, event_size):
-    flow = perturbed_flow(name, event_size, tf.float32)
+    # One layer: XLA compile time grows with the graph, and stacking is
+    # exercised eagerly by every other test.
+    flow = one_layer_flow(name, event_size)
     x = draw((3, 4, event_size), tf.float32, seed=5)
     fn = _all_directions(flow, with_gradients=name == "iaf")
     eager = fn(x)
@@ -250,20 +263,27 @@ def test_eager_function_and_xla_agree(name, event_size):
 
 @pytest.mark.parametrize("event_size", SIZES)
 @pytest.mark.parametrize("name", NAMES)
-def test_untrained_flow_is_the_identity_and_can_learn(name, event_size):
+def test_untrained_flow_is_the_identity(name, event_size):
+    flow = fresh_flow(name, event_size, tf.float32)
+    x = draw((7, event_size), tf.float32, seed=2)
+    np.testing.assert_allclose(flow.forward(x), x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(flow.forward_log_det_jacobian(x, event_ndims=1), np.zeros(7), atol=1e-6)
+    np.testing.assert_allclose(flow.inverse(tf.identity(x)), x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("event_size", [1, 5])
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "identity"])
+def test_untrained_flow_can_start_learning(name, event_size):
+    # Zero output layers must not be a dead point for training: the loss of
+    # a VI step has a non-zero gradient.
     flow = fresh_flow(name, event_size, tf.float32)
     x = draw((7, event_size), tf.float32, seed=2)
     with tf.GradientTape() as tape:
-        y = flow.forward(x)
-        fldj = flow.forward_log_det_jacobian(tf.identity(x), event_ndims=1)
-        loss = tf.reduce_sum((y - 1.0) ** 2) - tf.reduce_sum(fldj)
-    np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(flow.inverse(tf.identity(x)), x, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(fldj, np.zeros(7), atol=1e-6)
-    if name != "identity":
-        # Zero output layers must not be a dead point for training.
-        grads = tape.gradient(loss, flow.trainable_variables)
-        assert max(float(tf.reduce_max(tf.abs(g))) for g in grads if g is not None) > 1e-3
+        loss = tf.reduce_sum((flow.forward(x) - 1.0) ** 2) - tf.reduce_sum(
+            flow.forward_log_det_jacobian(x, event_ndims=1)
+        )
+    grads = tape.gradient(loss, flow.trainable_variables)
+    assert max(float(tf.reduce_max(tf.abs(g))) for g in grads if g is not None) > 1e-3
 
 
 # ------------------------------------------------------------------ pieces

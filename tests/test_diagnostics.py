@@ -141,9 +141,7 @@ def test_float32_draws_with_large_offset_give_float64_figures():
     x32 = x64.astype(np.float32)
     t64 = compare({"a": with_attrs({"x": x64})})
     t32 = compare({"a": with_attrs({"x": x32})})
-    np.testing.assert_allclose(
-        t32.loc["a", "min_ess_bulk"], t64.loc["a", "min_ess_bulk"], rtol=0.02
-    )
+    np.testing.assert_allclose(t32.loc["a", "min_ess_bulk"], t64.loc["a", "min_ess_bulk"], rtol=0.02)
     assert 0.85 * CHAINS * DRAWS < t32.loc["a", "min_ess_bulk"]
 
 

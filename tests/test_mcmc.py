@@ -40,9 +40,7 @@ class FunnelFlow(tfb.Bijector):
         parameters = dict(locals())
         self._s = scale0
         self._c = c
-        super().__init__(
-            forward_min_event_ndims=1, parameters=parameters, dtype=dtype, name="funnel_flow"
-        )
+        super().__init__(forward_min_event_ndims=1, parameters=parameters, dtype=dtype, name="funnel_flow")
 
     def _forward(self, u):
         x0 = self._s * u[..., :1]
@@ -63,9 +61,7 @@ class BananaFlow(tfb.Bijector):
     def __init__(self, b: float, dtype=tf.float32):
         parameters = dict(locals())
         self._b = b
-        super().__init__(
-            forward_min_event_ndims=1, parameters=parameters, dtype=dtype, name="banana_flow"
-        )
+        super().__init__(forward_min_event_ndims=1, parameters=parameters, dtype=dtype, name="banana_flow")
 
     def _forward(self, u):
         x0 = 10.0 * u[..., 0]
@@ -119,7 +115,13 @@ def gaussian():
 def gaussian_hmc(gaussian):
     target, flow = gaussian
     return sample(
-        target, flow, kernel="hmc", num_chains=4, num_warmup=300, num_samples=1000, seed=7,
+        target,
+        flow,
+        kernel="hmc",
+        num_chains=4,
+        num_warmup=300,
+        num_samples=1000,
+        seed=7,
         progress=False,
     )
 
@@ -165,14 +167,23 @@ def test_sample_stats_and_attrs(gaussian, gaussian_hmc):
     assert np.unique(stats["step_size"].values).size == 1
     acc = stats["acceptance_rate"].values
     assert np.all((acc >= 0) & (acc <= 1)) and 0.5 < acc.mean() <= 1.0
-    # Energy is a Hamiltonian in a 3-d latent space: E-BFMI near 1 on a Gaussian.
+    # The exact whitening flow makes the latent exactly N(0, I_3), so the energy
+    # H = -log N(u) + |p|^2 / 2 averages 3/2 log(2 pi) + 3/2 + 3/2 (pins its sign
+    # and its space), and E-BFMI is near 1.
+    np.testing.assert_allclose(stats["energy"].values.mean(), 1.5 * np.log(2 * np.pi) + 3.0, atol=0.25)
     assert np.all(az.bfmi(idata) > 0.6)
 
 
 def test_same_seed_same_draws_other_seed_differs(gaussian, gaussian_hmc):
     target, flow = gaussian
     again = sample(
-        target, flow, kernel="hmc", num_chains=4, num_warmup=300, num_samples=1000, seed=7,
+        target,
+        flow,
+        kernel="hmc",
+        num_chains=4,
+        num_warmup=300,
+        num_samples=1000,
+        seed=7,
         progress=True,
     )
     np.testing.assert_array_equal(again.posterior["x"].values, gaussian_hmc.posterior["x"].values)
@@ -180,7 +191,13 @@ def test_same_seed_same_draws_other_seed_differs(gaussian, gaussian_hmc):
         again.sample_stats["n_steps"].values, gaussian_hmc.sample_stats["n_steps"].values
     )
     other = sample(
-        target, flow, kernel="hmc", num_chains=4, num_warmup=300, num_samples=1000, seed=8,
+        target,
+        flow,
+        kernel="hmc",
+        num_chains=4,
+        num_warmup=300,
+        num_samples=1000,
+        seed=8,
         progress=False,
     )
     assert not np.allclose(other.posterior["x"].values, gaussian_hmc.posterior["x"].values)
@@ -192,7 +209,13 @@ def test_fit_result_training_time_is_recorded(gaussian, gaussian_hmc):
     target, flow = gaussian
     fit_like = SimpleNamespace(flow=flow, wall_time=12.5)
     idata = sample(
-        target, fit_like, kernel="hmc", num_chains=4, num_warmup=300, num_samples=1000, seed=7,
+        target,
+        fit_like,
+        kernel="hmc",
+        num_chains=4,
+        num_warmup=300,
+        num_samples=1000,
+        seed=7,
         progress=False,
     )
     assert idata.posterior.attrs["flow_training_time"] == 12.5
@@ -207,8 +230,15 @@ def test_user_init_state_is_pulled_back(gaussian):
     target, flow = gaussian
     z0 = np.tile(np.array([[1.0, -2.0, 0.5]], np.float32), [4, 1]) + 0.1
     idata = sample(
-        target, flow, kernel="hmc", num_chains=4, num_warmup=300, num_samples=1000, seed=3,
-        init_state=z0, progress=False,
+        target,
+        flow,
+        kernel="hmc",
+        num_chains=4,
+        num_warmup=300,
+        num_samples=1000,
+        seed=3,
+        init_state=z0,
+        progress=False,
     )
     check_truth(idata, target)
 
@@ -216,8 +246,14 @@ def test_user_init_state_is_pulled_back(gaussian):
 def test_banana_float64_nuts_matches_truth():
     target = targets.banana(dtype=tf.float64)
     idata = sample(
-        target, BananaFlow(0.03, dtype=tf.float64), kernel="nuts", num_chains=4, num_warmup=200,
-        num_samples=1000, seed=1, progress=False,
+        target,
+        BananaFlow(0.03, dtype=tf.float64),
+        kernel="nuts",
+        num_chains=4,
+        num_warmup=200,
+        num_samples=1000,
+        seed=1,
+        progress=False,
     )
     assert idata.posterior["x"].dtype == np.float64
     assert idata.sample_stats["lp"].dtype == np.float64
@@ -231,14 +267,22 @@ def test_banana_float64_nuts_matches_truth():
     )
     assert idata.posterior.attrs["max_tree_depth"] == 10
     assert math.isnan(idata.posterior.attrs["trajectory_length"])
+    # The exact flow makes the latent N(0, I_2): E[H] = log(2 pi) + 2 (see above).
+    np.testing.assert_allclose(stats["energy"].values.mean(), np.log(2 * np.pi) + 2.0, atol=0.2)
 
 
 def test_funnel_10d_no_divergences_and_x0_matches():
     target = targets.neals_funnel(10)
     # A flow that gets the funnel's neck right but x0's scale wrong (2.5 vs 3).
     idata = sample(
-        target, FunnelFlow(2.5), kernel="hmc", num_chains=4, num_warmup=300, num_samples=1000,
-        seed=2, progress=False,
+        target,
+        FunnelFlow(2.5),
+        kernel="hmc",
+        num_chains=4,
+        num_warmup=300,
+        num_samples=1000,
+        seed=2,
+        progress=False,
     )
     assert int(idata.sample_stats["diverging"].sum()) == 0
     check_truth(idata, target, names=[("x", 0)])
@@ -249,8 +293,7 @@ def test_log_det_sign_pulled_back_density_is_standard_normal():
     # log p(f(u)) + log|det f'(u)| is exactly N(0, I); the opposite sign would be
     # off by 2 log|det f'(u)|, which varies with u0.
     target = targets.neals_funnel(5, dtype=tf.float64)
-    kernel = NeuTraKernel(target, FunnelFlow(dtype=tf.float64), kernel="nuts",
-                          num_adaptation_steps=0)
+    kernel = NeuTraKernel(target, FunnelFlow(dtype=tf.float64), kernel="nuts", num_adaptation_steps=0)
     u = tf.random.stateless_normal([6, 5], seed=[1, 2], dtype=tf.float64) * 1.5
     results = kernel.bootstrap_results(transformed_init_state=u)
     latent_lp = results.inner_results.inner_results.target_log_prob
@@ -274,15 +317,18 @@ def test_kernel_in_sample_chain_equals_sample(gaussian, gaussian_hmc):
     @tf.function(autograph=False, jit_compile=True)
     def run(z0, results):
         return tfp.mcmc.sample_chain(
-            draws, z0, results, kernel=kernel, num_burnin_steps=warmup, trace_fn=None,
+            draws,
+            z0,
+            results,
+            kernel=kernel,
+            num_burnin_steps=warmup,
+            trace_fn=None,
             seed=run_seed,
         )
 
     expected = np.swapaxes(run(z0, results).numpy(), 0, 1)
     # Two XLA programs may fuse float ops differently: equal up to rounding.
-    np.testing.assert_allclose(
-        gaussian_hmc.posterior["x"].values[:, :draws], expected, rtol=1e-4, atol=1e-5
-    )
+    np.testing.assert_allclose(gaussian_hmc.posterior["x"].values[:, :draws], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_baseline_nuts_windowed_adaptation():
@@ -291,8 +337,15 @@ def test_baseline_nuts_windowed_adaptation():
         warnings.simplefilter("error", RuntimeWarning)
         # Graph mode: XLA-compiling the windowed adaptation costs more than this short run.
         idata = sample(
-            target, None, kernel="nuts", num_chains=4, num_warmup=100, num_samples=300, seed=5,
-            progress=False, jit_compile=False,
+            target,
+            None,
+            kernel="nuts",
+            num_chains=4,
+            num_warmup=100,
+            num_samples=300,
+            seed=5,
+            progress=False,
+            jit_compile=False,
         )
     attrs = idata.posterior.attrs
     assert attrs["sampler"] == "NUTS" and attrs["flow"] == "none"
@@ -305,8 +358,17 @@ def test_divergent_run_returns_and_warns():
     target = targets.correlated_gaussian(2, 0.0)
     with pytest.warns(RuntimeWarning, match="diverged"):
         idata = sample(
-            target, tfb.Identity(), kernel="hmc", num_chains=2, num_warmup=0, num_samples=20,
-            seed=0, step_size=5.0, num_leapfrog_steps=10, progress=False, jit_compile=False,
+            target,
+            tfb.Identity(),
+            kernel="hmc",
+            num_chains=2,
+            num_warmup=0,
+            num_samples=20,
+            seed=0,
+            step_size=5.0,
+            num_leapfrog_steps=10,
+            progress=False,
+            jit_compile=False,
         )
     div = idata.sample_stats["diverging"].values
     assert div.sum() > 20
@@ -373,10 +435,10 @@ def test_funnel_10d_trained_iaf_no_divergences():
     flow = make_flow("iaf", 10)
     # The NeuTra paper's budget (batch 1024, 5000 steps). With 3000 steps of batch 512
     # the IAF's tails stay steep enough for a few divergences per 16000 transitions.
-    result = fit(target, flow, num_steps=5000, batch_size=1024, seed=0, progress=False,
-                 global_clipnorm=10.0)
-    idata = sample(target, result, kernel="hmc", num_chains=16, num_warmup=500,
-                   num_samples=1000, seed=1, progress=False)
+    result = fit(target, flow, num_steps=5000, batch_size=1024, seed=0, progress=False, global_clipnorm=10.0)
+    idata = sample(
+        target, result, kernel="hmc", num_chains=16, num_warmup=500, num_samples=1000, seed=1, progress=False
+    )
     assert int(idata.sample_stats["diverging"].sum()) == 0
     assert idata.posterior.attrs["flow_training_time"] == pytest.approx(result.wall_time)
     check_truth(idata, target, names=[("x", 0)])
@@ -387,12 +449,19 @@ def test_banana_trained_iaf_matches_truth():
     from neutra_flows import fit, make_flow
 
     target = targets.banana()
-    result = fit(target, make_flow("iaf", 2), num_steps=2000, batch_size=512, seed=0,
-                 progress=False)
+    result = fit(target, make_flow("iaf", 2), num_steps=2000, batch_size=512, seed=0, progress=False)
     with warnings.catch_warnings():
         # A handful of divergences at the flow's tails is expected; the truth must hold.
         warnings.simplefilter("ignore", RuntimeWarning)
-        idata = sample(target, result, kernel="hmc", num_chains=16, num_warmup=500,
-                       num_samples=1000, seed=1, progress=False)
+        idata = sample(
+            target,
+            result,
+            kernel="hmc",
+            num_chains=16,
+            num_warmup=500,
+            num_samples=1000,
+            seed=1,
+            progress=False,
+        )
     check_truth(idata, target)
     assert int(idata.sample_stats["diverging"].sum()) < 0.005 * 16 * 1000

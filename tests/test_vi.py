@@ -82,8 +82,8 @@ def test_banana_reaches_small_kl_and_good_khat(name):
 
 def test_funnel_reports_khat():
     t = targets.neals_funnel(ndims=3)
-    flow = make_flow("iaf", 3, hidden_units=[8, 8])
-    r = fit(t, flow, num_steps=300, batch_size=256, seed=1, **QUICK)
+    flow = make_flow("iaf", 3, hidden_units=[8, 8], num_layers=2)
+    r = fit(t, flow, num_steps=200, batch_size=256, seed=1, **QUICK)
     assert np.isfinite(r.khat)
     assert 0 < r.ess_is <= r.num_diagnostic_draws
     text = r.summary()
@@ -125,7 +125,22 @@ def test_rare_nan_region_is_skipped_and_recorded():
     assert not np.all(np.isfinite(r.losses))  # skipped steps are visible in the trace
     for v in flow.trainable_variables:
         assert np.all(np.isfinite(v.numpy()))
-    assert any("NaN log weights" in n for n in r.notes) or np.isfinite(r.elbo)
+    assert np.isfinite(r.elbo) and np.isfinite(r.khat)  # NaN diagnostic draws are dropped
+
+
+def test_divergence_is_rolled_back_with_a_lower_learning_rate():
+    def nan_far_out(x):
+        return tf.where(tf.abs(x[..., 0]) > 30.0, tf.constant(np.nan, x.dtype), _std_normal_lp(x))
+
+    t = Target(nan_far_out, 2)
+    flow = make_flow("affine_diag", 2)
+    # Adam moves each parameter by about the learning rate per step: 100 jumps into the
+    # NaN region at once; rollbacks divide it by 4 until training is stable.
+    r = fit(t, flow, num_steps=200, batch_size=64, learning_rate=100.0, seed=0, steps_per_chunk=50, **QUICK)
+    assert any("rolled back" in n for n in r.notes), r.notes
+    for v in flow.trainable_variables:
+        assert np.all(np.isfinite(v.numpy()))
+    assert np.all(np.isfinite(r.losses[-50:]))
 
 
 def test_persistent_nan_raises_naming_the_step_and_keeps_finite_parameters():
@@ -276,17 +291,17 @@ def test_fit_to_data_early_stopping_and_errors():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["iaf", "nsf_ar"])
-def test_banana_defaults_slow(name):
+def test_banana_defaults_slow():
+    # Measured: KL 0.0041 +/- 0.0007, k-hat 0.66 (docs/vi.md).
     t = targets.banana()
-    r = fit(t, make_flow(name, 2), seed=0, progress=False)
+    r = fit(t, make_flow("iaf", 2), seed=0, progress=False)
     assert -r.elbo < 0.02 and r.khat < 0.7, r.summary()
 
 
 @pytest.mark.slow
 def test_funnel_10d_defaults_slow():
+    # Measured: KL 0.0057 +/- 0.0007, k-hat 0.61 (docs/vi.md).
     t = targets.neals_funnel(10)
     r = fit(t, make_flow("iaf", 10), seed=0, progress=False)
-    assert np.isfinite(r.khat) and np.isfinite(r.elbo)
-    # The funnel is normalised: -ELBO is a KL and cannot be (much) negative.
-    assert -r.elbo > -4 * r.elbo_se
+    assert np.isfinite(r.khat)
+    assert -4 * r.elbo_se < -r.elbo < 0.02, r.summary()  # the funnel is normalised: -ELBO is a KL

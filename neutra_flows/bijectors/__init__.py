@@ -13,10 +13,15 @@ Every class here has ``forward_min_event_ndims == 1``, accepts any batch shape
   `AffineTransformer`: the elementwise affine map of MAF/IAF/RealNVP.
 * `Transformer`: base class of the elementwise maps that flow layers condition.
 * `Flow`: the stack that `make_flow` returns.
+* `NAF`, `BlockNeuralAutoregressive`, `HouseholderSylvester`, `LULinear`,
+  `InvertibleResidual`: the further families of docs/more_flows.md; their
+  iterative inverses raise `ConvergenceError` (a `ValueError`) when they do
+  not converge.
 """
 
 from neutra_flows.bijectors._core import Transformer
 from neutra_flows.bijectors._flow import Flow
+from neutra_flows.bijectors._root_finding import ConvergenceError
 from neutra_flows.bijectors.affine import (
     AffineDiagonal,
     AffineLowerTriangular,
@@ -24,11 +29,22 @@ from neutra_flows.bijectors.affine import (
     Identity,
 )
 from neutra_flows.bijectors.autoregressive import IAF, MAF
+from neutra_flows.bijectors.bnaf import BlockNeuralAutoregressive
 from neutra_flows.bijectors.coupling import Coupling, RealNVP
+from neutra_flows.bijectors.linear import LULinear
+from neutra_flows.bijectors.naf import NAF
+from neutra_flows.bijectors.residual import InvertibleResidual
 from neutra_flows.bijectors.spline import NeuralSplineFlow, RationalQuadraticTransformer
+from neutra_flows.bijectors.sylvester import HouseholderSylvester
 
 __all__ = [
     "IAF",
+    "NAF",
+    "BlockNeuralAutoregressive",
+    "ConvergenceError",
+    "HouseholderSylvester",
+    "InvertibleResidual",
+    "LULinear",
     "MAF",
     "AffineDiagonal",
     "AffineLowerTriangular",
