@@ -7,11 +7,10 @@ import sys
 import textwrap
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from neutra_flows import cli
-from neutra_flows.bench import BENCHMARKS, Goal, run_benchmark
+from neutra_flows.bench import BENCHMARKS, Goal
 
 TINY = ["--train-steps", "60", "--batch-size", "64", "--chains", "2", "--warmup", "60",
         "--samples", "60", "--hidden", "8", "--layers", "2", "--quiet"]
@@ -78,7 +77,8 @@ def test_bench_writes_every_output(tmp_path, capsys):
     code = cli.main(["bench", "banana", *TINY, "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "NUTS" in printed and "ess_per_grad" in printed and "MISSED" in printed or "MET" in printed
+    assert "NUTS" in printed and "ess_per_grad" in printed
+    assert "MET" in printed or "MISSED" in printed
     names = set(os.listdir(out))
     assert {"results.json", "flow", "draws.png", "trace.png", "ess_per_grad.png", "loss.png"} <= names
     assert sum(name.endswith(".nc") for name in names) == 2
@@ -118,14 +118,6 @@ def test_sample_command_runs_a_user_joint_distribution(tmp_path, capsys):
     code = cli.main(["sample", f"{model}:model", *TINY, "--no-baseline"])
     assert code == 0, capsys.readouterr().err
     assert "NeuTra" in capsys.readouterr().out
-
-
-def test_run_benchmark_returns_a_table_with_both_rows():
-    result = run_benchmark("banana", flow="affine_tril", train_steps=60, batch_size=64,
-                           num_chains=2, num_warmup=60, num_samples=60, progress=False, log=None)
-    assert isinstance(result.table, pd.DataFrame)
-    assert list(result.table.index) == ["NeuTra-AFFINE_TRIL-HMC", "NUTS"]
-    assert "ESS per gradient" in result.report()
 
 
 def test_module_entry_point():
