@@ -294,6 +294,24 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _check_reused_baseline(idata: Any, target: Target, settings: Mapping[str, Any]) -> None:
+    """Refuses a baseline from another target or protocol: its ratios would be meaningless."""
+    attrs = getattr(getattr(idata, "posterior", None), "attrs", None)
+    if attrs is None:
+        raise ValueError("baseline_idata must be an InferenceData from neutra_flows.sample")
+    wanted = {
+        "target": target.name,
+        "kernel": settings["baseline_kernel"],
+        "num_chains": settings["num_chains"],
+        "num_warmup": settings["num_warmup"],
+        "num_samples": settings["num_samples"],
+        "seed": settings["seed"] + 2,
+    }
+    found = {key: attrs.get(key) for key in wanted}
+    if any(found[key] != value for key, value in wanted.items()):
+        raise ValueError(f"baseline_idata was run with {found}; this benchmark needs {wanted}")
+
+
 def run_benchmark(
     target: str | Target,
     *,
@@ -309,6 +327,7 @@ def run_benchmark(
     seed: int = 0,
     baseline: bool = True,
     baseline_kernel: str = "nuts",
+    baseline_idata: Any = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
@@ -325,6 +344,10 @@ def run_benchmark(
       seed: one int; training, NeuTra and the baseline get derived seeds.
       baseline: also run the plain baseline (``baseline_kernel``, default NUTS
         with windowed diagonal mass-matrix adaptation).
+      baseline_idata: the baseline's InferenceData from an earlier
+        ``run_benchmark`` on the same target with the same settings and seed
+        (``result.idatas[baseline_kernel.upper()]``): reused instead of run
+        again, so several flows are compared against one baseline run.
       out: a folder for ``results.json``, both runs' InferenceData (netCDF),
         the trained flow and PNG plots; ``None`` writes nothing.
       progress: progress bars.
@@ -355,6 +378,8 @@ def run_benchmark(
         "learning_rate": learning_rate if learning_rate is not None else spec.learning_rate,
         "seed": int(seed),
     }
+    if baseline and baseline_idata is not None:
+        _check_reused_baseline(baseline_idata, the_target, settings)  # before any training
     say(f"target {the_target.name} (d={the_target.event_size}); flow {flow_name}; "
         f"NeuTra kernel {settings['kernel']}")
     flow_obj = make_flow(flow_name, the_target.event_size, dtype=the_target.dtype, **options)
@@ -372,8 +397,10 @@ def run_benchmark(
                                    seed=int(seed) + 1, **common)}
     if baseline:
         base_label = baseline_kernel.upper()
-        idatas[base_label] = sample(the_target, None, kernel=baseline_kernel, seed=int(seed) + 2,
+        if baseline_idata is None:
+            baseline_idata = sample(the_target, None, kernel=baseline_kernel, seed=int(seed) + 2,
                                     **common)
+        idatas[base_label] = baseline_idata
     table = compare(idatas)
     rows = {label: table.loc[label].to_dict() for label in table.index}
     neutra_row = dict(rows[neutra_label])

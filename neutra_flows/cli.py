@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import warnings
@@ -55,11 +56,15 @@ def _non_negative(text: str) -> int:
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     from neutra_flows.flows import FLOW_NAMES
 
-    parser.add_argument("--flow", choices=list(FLOW_NAMES), default=None,
-                        help="flow family (default: the benchmark's, usually iaf)")
+    parser.add_argument("--flow", choices=list(FLOW_NAMES), action="append", default=None,
+                        help="flow family (default: the benchmark's, usually iaf); repeat it to "
+                             "compare several flows against one baseline run, written to OUT/FLOW")
     parser.add_argument("--layers", type=_positive, default=None, help="flow layers (num_layers)")
     parser.add_argument("--hidden", type=_positive, default=None,
                         help="hidden units per conditioner layer (two layers of this width)")
+    parser.add_argument("--flow-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="any make_flow option, VALUE read as JSON if it parses (e.g. "
+                             "num_components=16, output_affine=false); repeatable")
     parser.add_argument("--kernel", choices=["hmc", "nuts"], default=None,
                         help="NeuTra's kernel: hmc (ChEES trajectory adaptation, default) or nuts")
     parser.add_argument("--chains", type=_positive, default=None, help="chains (default 4)")
@@ -125,36 +130,69 @@ def load_user_model(spec: str) -> Any:
     )
 
 
+def _parse_flow_options(items: Sequence[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--flow-option expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text  # a bare word such as lipswish
+        options[key.strip()] = value
+    return options
+
+
 def _run(args: argparse.Namespace, target: Any) -> int:
     from neutra_flows.bench import run_benchmark, write_outputs
 
-    flow_options = {}
+    flow_options = _parse_flow_options(args.flow_option)
     if args.layers is not None:
         flow_options["num_layers"] = args.layers
     if args.hidden is not None:
         flow_options["hidden_units"] = [args.hidden, args.hidden]
-    result = run_benchmark(
-        target,
-        flow=args.flow,
-        flow_options=flow_options,
-        kernel=args.kernel,
-        num_chains=args.chains,
-        num_warmup=args.warmup,
-        num_samples=args.samples,
-        train_steps=args.train_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        baseline=not args.no_baseline,
-        out=None,
-        progress=not args.quiet,
-        log=None if args.quiet else (lambda msg: print(msg, file=sys.stderr)),
-    )
-    # The figures first: writing files or plots can fail, the table must not be lost.
-    print(result.report(), flush=True)
-    if args.out is not None:
-        write_outputs(result, args.out)
-        print(f"wrote {len(result.files)} files to {args.out}")
+    flows = list(dict.fromkeys(args.flow)) if args.flow else [None]
+    baseline_idata, failed = None, []
+    for flow in flows:
+        try:
+            result = run_benchmark(
+                target,
+                flow=flow,
+                flow_options=flow_options,
+                kernel=args.kernel,
+                num_chains=args.chains,
+                num_warmup=args.warmup,
+                num_samples=args.samples,
+                train_steps=args.train_steps,
+                batch_size=args.batch_size,
+                learning_rate=args.learning_rate,
+                seed=args.seed,
+                baseline=not args.no_baseline,
+                baseline_idata=baseline_idata,
+                out=None,
+                progress=not args.quiet,
+                log=None if args.quiet else (lambda msg: print(msg, file=sys.stderr)),
+            )
+        except Exception as err:
+            if len(flows) == 1:
+                raise
+            # In a sweep one flow's failure must not cost the others' figures.
+            print(f"neutra-flows: flow {flow} failed: {type(err).__name__}: {err}", file=sys.stderr)
+            failed.append(flow)
+            continue
+        # One baseline run serves every flow: the ratios are side by side.
+        if not args.no_baseline:
+            baseline_idata = result.idatas[result.settings["baseline_kernel"].upper()]
+        # The figures first: writing files or plots can fail, the table must not be lost.
+        print(result.report(), flush=True)
+        if args.out is not None:
+            out = args.out if len(flows) == 1 else os.path.join(args.out, result.settings["flow"])
+            write_outputs(result, out)
+            print(f"wrote {len(result.files)} files to {out}", flush=True)
+    if failed:
+        print(f"neutra-flows: run failed for flow(s) {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -125,7 +125,14 @@ def _check_bound(value: Any, event_size: int) -> float:
     return float(value)
 
 
+def _check_output_affine(value: Any, event_size: int) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"output_affine must be True or False, got {value!r}")
+    return bool(value)
+
+
 _OPTION_CHECKS: dict[str, Callable[[Any, int], Any]] = {
+    "output_affine": _check_output_affine,
     "num_layers": _check_num_layers,
     "hidden_units": _check_hidden_units,
     "activation": _check_activation,
@@ -442,6 +449,7 @@ _MORE_FLOWS: dict[str, FlowSpec] = {
             "permutation": "reverse",
             "seed": 0,
             "num_components": 8,
+            "output_affine": False,
             "min_slope": 0.01,
             "tol": None,
             "max_iterations": 100,
@@ -458,6 +466,7 @@ _MORE_FLOWS: dict[str, FlowSpec] = {
         {
             "num_layers": 2,
             "hidden_factor": 8,
+            "output_affine": True,
             "num_hidden_layers": 1,
             "permutation": "reverse",
             "seed": 0,
@@ -473,7 +482,14 @@ _MORE_FLOWS: dict[str, FlowSpec] = {
     ),
     "sylvester": FlowSpec(
         _build_sylvester,
-        {"num_layers": 4, "num_householder": None, "seed": 0, "tol": None, "max_iterations": 100},
+        {
+            "num_layers": 4,
+            "num_householder": None,
+            "output_affine": True,
+            "seed": 0,
+            "tol": None,
+            "max_iterations": 100,
+        },
         "Householder Sylvester flow (iterative inverse)",
         checks={**_ITERATIVE_CHECKS, "num_householder": _check_num_householder},
     ),
@@ -490,6 +506,7 @@ _MORE_FLOWS: dict[str, FlowSpec] = {
             "hidden_units": None,
             "activation": "lipswish",
             "lipschitz": 0.9,
+            "output_affine": True,
             "log_det": "exact",
             "seed": 0,
             "tol": None,
@@ -506,23 +523,30 @@ _MORE_FLOWS: dict[str, FlowSpec] = {
 }
 
 
+# ``output_affine`` (a learned elementwise scale and shift after the stack) is
+# on where the layers cannot set the target's scale themselves: coupling flows
+# train less reliably without it and spline layers are the identity outside
+# [-bound, bound]. The autoregressive affine flows scale every coordinate already.
 _NETWORK: dict[str, Any] = {
     "num_layers": 3,
+    "output_affine": False,
     "hidden_units": None,
     "activation": "elu",
     "permutation": "reverse",
     "seed": 0,
 }
-_SPLINE: dict[str, Any] = {**_NETWORK, "num_layers": 4, "num_bins": 8, "bound": 5.0}
+_SPLINE: dict[str, Any] = {**_NETWORK, "num_layers": 4, "output_affine": True, "num_bins": 8, "bound": 5.0}
 
 _REGISTRY: dict[str, FlowSpec] = {
     "iaf": FlowSpec(_autoregressive_builder(IAF), _NETWORK, "inverse autoregressive flow (parallel forward)"),
     "maf": FlowSpec(_autoregressive_builder(MAF), _NETWORK, "masked autoregressive flow (parallel inverse)"),
-    "realnvp": FlowSpec(_coupling_builder(spline=False), {**_NETWORK, "num_layers": 4}, "affine coupling"),
+    "realnvp": FlowSpec(
+        _coupling_builder(spline=False), {**_NETWORK, "num_layers": 4, "output_affine": True}, "affine coupling"
+    ),
     "nsf": FlowSpec(_coupling_builder(spline=True), _SPLINE, "rational-quadratic spline coupling"),
     "nsf_ar": FlowSpec(
         _autoregressive_builder(IAF, spline=True),
-        {**_NETWORK, "num_bins": 8, "bound": 5.0},
+        {**_NETWORK, "output_affine": True, "num_bins": 8, "bound": 5.0},
         "inverse-autoregressive rational-quadratic spline flow",
     ),
     "affine_diag": FlowSpec(_build_affine_diag, {}, "diagonal affine (mean-field Gaussian)"),
@@ -586,7 +610,10 @@ def make_flow(
         ``"random"``) and ``seed`` (0; drives the random permutations and the
         hidden-layer initialisation); the spline flows also ``num_bins`` (8)
         and ``bound`` (5.0, the spline acts on ``[-bound, bound]``, identity
-        outside). The affine flows and identity take none.
+        outside). ``output_affine`` adds a learned elementwise scale and shift
+        after the stack (default on for realnvp, nsf, nsf_ar, bnaf, sylvester
+        and residual, whose layers cannot set the target's scale alone; off
+        for iaf, maf and naf). The affine flows and identity take none.
 
     Returns:
       A `neutra_flows.bijectors.Flow` mapping ``[..., d] -> [..., d]`` with
@@ -621,7 +648,16 @@ def make_flow(
         raise ValueError(f"make_flow({name!r}): option(s) {both} given in options and as keywords")
     given.update(kwargs)
     resolved = _resolve_options(name, spec, event_size, given)
-    layers = spec.build(event_size, dtype, **resolved)
+    build_options = {k: v for k, v in resolved.items() if k != "output_affine"}
+    layers = list(spec.build(event_size, dtype, **build_options))
+    if resolved.get("output_affine"):
+        # A learned elementwise scale and shift on the output side: the stack
+        # works in a standardised space and this layer sets the target's
+        # location and scale. Spline layers (identity outside [-bound, bound]),
+        # contractive residual layers and Sylvester layers cannot widen
+        # N(0, 1) much on their own, and the coupling flows train less
+        # reliably without it (docs/more_flows.md, "Output affine layer").
+        layers += _build_affine_diag(event_size, dtype)
     config = {"name": name, "event_size": event_size, "dtype": dtype.name, "options": resolved}
     # A stack is exact only if every layer is (a layer may opt out, e.g. the
     # residual flow's stochastic log-det estimator).

@@ -38,7 +38,9 @@ FLOWS: dict[str, dict] = {
 NAMES = list(FLOWS)
 SIZES = [1, 2, 5, 16]
 BATCH_SHAPES = [(), (7,), (3, 4)]
-TOL = {tf.float32: dict(rtol=1e-4, atol=1e-4), tf.float64: dict(rtol=1e-9, atol=1e-9)}
+# float32: two perturbed 4-bin spline layers behind a perturbed output affine
+# (scales up to e^0.9) lose up to ~1.5e-4 in a round trip; float64 checks 1e-9.
+TOL = {tf.float32: dict(rtol=2e-4, atol=2e-4), tf.float64: dict(rtol=1e-9, atol=1e-9)}
 PERTURB_SCALE = 0.3
 # Far out (|x| = 50) the networks' raw outputs grow linearly and a 0.3
 # perturbation saturates every layer's scale at e^5: float32 cannot invert

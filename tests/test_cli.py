@@ -101,6 +101,35 @@ def test_bench_writes_every_output(tmp_path, capsys):
     assert idata.posterior["x"].shape == (2, 60, 2)
 
 
+def test_bench_sweeps_flows_against_one_baseline_run(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    # affine_diag takes no --layers/--hidden: it fails alone, the others still run.
+    code = cli.main(["bench", "banana", "--flow", "iaf", "--flow", "affine_diag", "--flow", "maf", *TINY,
+                     "--flow-option", "output_affine=true", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "flow affine_diag failed" in err and "unknown option" in err
+    assert sorted(os.listdir(out)) == ["iaf", "maf"]
+    import arviz as az
+
+    from neutra_flows.bench import run_benchmark
+
+    runs = {flow: json.loads((out / flow / "results.json").read_text()) for flow in ("iaf", "maf")}
+    assert runs["maf"]["settings"]["flow_options"]["output_affine"] is True
+    # Both flows are compared with the very same NUTS run.
+    assert runs["iaf"]["table"]["NUTS"] == runs["maf"]["table"]["NUTS"]
+    nuts = az.from_netcdf(out / "iaf" / "NUTS.nc")
+    np.testing.assert_array_equal(nuts.posterior["x"], az.from_netcdf(out / "maf" / "NUTS.nc").posterior["x"])
+    # A baseline from another protocol is refused before any training.
+    with pytest.raises(ValueError, match="baseline_idata was run with"):
+        run_benchmark("banana", num_chains=2, num_warmup=60, num_samples=30, baseline_idata=nuts, log=None)
+
+
+@pytest.mark.parametrize("item", ["output_affine", "=3"])
+def test_bad_flow_option_is_a_clear_error(item, capsys):
+    assert cli.main(["bench", "banana", "--flow-option", item, "--quiet"]) == 2
+    assert "--flow-option expects KEY=VALUE" in capsys.readouterr().err
+
+
 def test_sample_command_runs_a_user_joint_distribution(tmp_path, capsys):
     model = tmp_path / "model.py"
     model.write_text(textwrap.dedent("""

@@ -10,6 +10,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from neutra_flows import FLOW_NAMES, make_flow
+from neutra_flows.bijectors import AffineDiagonal
 
 tfb = tfp.bijectors
 
@@ -61,6 +62,8 @@ def test_bad_dtype(dtype):
         ("iaf", {"width": 8}, "unknown option"),
         ("affine_diag", {"hidden_units": [8]}, "allowed: none"),
         ("identity", {"num_layers": 2}, "unknown option"),
+        ("nsf", {"output_affine": "yes"}, "output_affine must be True or False"),
+        ("affine_tril", {"output_affine": True}, "unknown option"),
     ],
 )
 def test_bad_options_raise_and_name_what_is_allowed(name, options, match):
@@ -132,3 +135,24 @@ def test_event_size_one_has_no_permutations_and_learnable_layers():
         flow = make_flow(name, 1, hidden_units=[4])
         assert _permutations(flow) == []
         assert len(flow.trainable_variables) > 0
+
+
+@pytest.mark.parametrize(
+    "name,default",
+    [("iaf", False), ("maf", False), ("naf", False), ("realnvp", True), ("nsf", True), ("nsf_ar", True),
+     ("bnaf", True), ("sylvester", True), ("residual", True)],
+)
+def test_output_affine_adds_one_trainable_scale_and_shift_last(name, default):
+    small = {"hidden_units": [4]} if "hidden_units" in make_flow(name, 3).flow_config["options"] else {}
+    on = make_flow(name, 3, output_affine=True, **small)
+    off = make_flow(name, 3, output_affine=False, **small)
+    assert make_flow(name, 3, **small).flow_config["options"]["output_affine"] is default
+    assert len(on.layers) == len(off.layers) + 1
+    last = on.layers[-1]
+    assert isinstance(last, AffineDiagonal)
+    assert len(on.trainable_variables) == len(off.trainable_variables) + 2
+    # It acts on the output side: a shift moves the flow's output by exactly that shift.
+    u = tf.random.stateless_normal([4, 3], seed=[3, 4])
+    shift = [v for v in last.trainable_variables if "shift" in v.name][0]
+    shift.assign([1.0, -2.0, 0.5])
+    np.testing.assert_allclose(on.forward(u).numpy() - [1.0, -2.0, 0.5], u.numpy(), atol=1e-5)
