@@ -107,6 +107,14 @@ def sparse_logistic_regression(features: np.ndarray, labels: np.ndarray) -> tfd.
     return model.experimental_pin(labels=tf.constant(labels))
 
 
+def model() -> tfd.Distribution:
+    """The pinned model with no arguments, for the command line::
+
+        neutra-flows sample examples/precondition_hmc.py:model --train-steps 1000
+    """
+    return sparse_logistic_regression(*load_german_credit())
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="examples_out", help="folder for the pictures")

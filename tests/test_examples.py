@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,3 +144,11 @@ def test_docstring_to_markdown_sections_and_code():
     assert "```python\n>>> 1 + 1\n2\n```" in md
     assert "A formula:\n\n```text\ny = f(x)\n```" in md
     assert "**References**" in md and "* A paper." in md
+
+
+def test_german_credit_example_model_loads_from_the_command_line():
+    from neutra_flows import cli
+
+    target = cli.load_user_model(f"{EXAMPLES / 'precondition_hmc.py'}:model")
+    assert target.event_size == 51
+    assert np.isfinite(target.unnormalized_log_prob(np.zeros([2, 51], np.float32)).numpy()).all()
