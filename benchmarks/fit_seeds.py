@@ -12,7 +12,6 @@ table hides that, this script shows it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -22,6 +21,7 @@ import numpy as np  # noqa: E402
 
 import neutra_flows as nf  # noqa: E402
 from neutra_flows.bench import BENCHMARKS, resolve_target  # noqa: E402
+from neutra_flows.cli import parse_flow_options  # noqa: E402
 
 
 def main() -> None:
@@ -36,13 +36,7 @@ def main() -> None:
                         help="a make_flow option, VALUE read as JSON when it parses")
     args = parser.parse_args()
 
-    options = {}
-    for item in args.option:
-        key, _, text = item.partition("=")
-        try:
-            options[key] = json.loads(text)
-        except json.JSONDecodeError:
-            options[key] = text
+    options = parse_flow_options(args.option)
     target, _ = resolve_target(args.target)
     print(f"{args.target} / {args.flow} {options or ''}: {args.steps} steps x {args.batch_size}")
     print("| seed | -ELBO | ELBO SE | k-hat | fit s |")

@@ -30,7 +30,7 @@ from typing import Any
 # command line; set before TensorFlow is first imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main", "parse_flow_options"]
 
 
 def _positive(text: str) -> int:
@@ -130,7 +130,8 @@ def load_user_model(spec: str) -> Any:
     )
 
 
-def _parse_flow_options(items: Sequence[str]) -> dict[str, Any]:
+def parse_flow_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` -> ``{KEY: VALUE}``, VALUE read as JSON when it parses (else a string)."""
     options: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -147,7 +148,7 @@ def _parse_flow_options(items: Sequence[str]) -> dict[str, Any]:
 def _run(args: argparse.Namespace, target: Any) -> int:
     from neutra_flows.bench import run_benchmark, write_outputs
 
-    flow_options = _parse_flow_options(args.flow_option)
+    flow_options = parse_flow_options(args.flow_option)
     if args.layers is not None:
         flow_options["num_layers"] = args.layers
     if args.hidden is not None:

@@ -239,12 +239,12 @@ def _coupling_builder(spline: bool) -> Builder:
         bound: float = 5.0,
     ) -> list[tfb.Bijector]:
         num_masked = event_size // 2
-        num_params = 3 * num_bins - 1 if spline else 2
+        transformer = RationalQuadraticTransformer(num_bins, bound) if spline else AffineTransformer()
 
         def make_layer(i: int, layer_seed: int) -> tfb.Bijector:
             mlp = MLP(
                 num_masked,
-                (event_size - num_masked, num_params),
+                (event_size - num_masked, transformer.num_params),
                 hidden_units=hidden_units,
                 activation=activation,
                 seed=layer_seed,
