@@ -46,6 +46,10 @@ COMPARE_COLUMNS: dict[str, str] = {
     "grad_evals": "gradient evaluations (leapfrog steps) after warm-up, all chains",
     "grad_evals_warmup": "gradient evaluations during warm-up, all chains",
     "ess_per_grad": "min_ess_bulk / grad_evals",
+    "grad_evals_training": "target gradients spent fitting the flow (whitening, steps x batch, "
+    "diagnostic draws); 0 for the baseline",
+    "ess_per_grad_total": "min_ess_bulk / (grad_evals_training + grad_evals_warmup + grad_evals): "
+    "the honest cost of the whole run",
     "sampling_time": "seconds spent drawing the kept draws",
     "total_time": "flow training + compilation + warm-up + sampling seconds",
     "ess_per_second": "min_ess_bulk / sampling_time",
@@ -161,6 +165,7 @@ def _row(idata: Any, truth) -> dict[str, Any]:
         grads = float(np.asarray(stats["n_steps"], np.float64).sum())
     grads = _NAN if grads is None else float(grads)
     grads_warmup = float(_attr(idata, "num_grad_evals_warmup", _NAN))
+    grads_training = float(_attr(idata, "num_grad_evals_training", 0.0))
 
     sampling_time = float(_attr(idata, "sampling_time", _NAN))
     total_time = sampling_time + sum(
@@ -181,6 +186,8 @@ def _row(idata: Any, truth) -> dict[str, Any]:
         grad_evals=grads,
         grad_evals_warmup=grads_warmup,
         ess_per_grad=ratio(ess_bulk, grads),
+        grad_evals_training=grads_training,
+        ess_per_grad_total=ratio(ess_bulk, grads_training + grads_warmup + grads),
         sampling_time=sampling_time,
         total_time=total_time,
         ess_per_second=ratio(ess_bulk, sampling_time),

@@ -131,8 +131,23 @@ def _check_output_affine(value: Any, event_size: int) -> bool:
     return bool(value)
 
 
+_WHITENING = ("auto", "full", "diag", "none")
+
+
+def _check_whitening(value: Any, event_size: int) -> str:
+    """``"auto"`` resolves here, so a saved config rebuilds the same layer."""
+    if value not in _WHITENING:
+        raise ValueError(f"whitening must be one of {_WHITENING}, got {value!r}")
+    if value == "auto":
+        from neutra_flows.whitening import FULL_RANK_MAX_DIM
+
+        return "full" if event_size <= FULL_RANK_MAX_DIM else "diag"
+    return value
+
+
 _OPTION_CHECKS: dict[str, Callable[[Any, int], Any]] = {
     "output_affine": _check_output_affine,
+    "whitening": _check_whitening,
     "num_layers": _check_num_layers,
     "hidden_units": _check_hidden_units,
     "activation": _check_activation,
@@ -271,6 +286,18 @@ def _build_affine_tril(event_size: int, dtype: tf.DType) -> list[tfb.Bijector]:
     shift = tf.Variable(tf.zeros([event_size], dtype), name="shift")
     tril = tf.Variable(tf.zeros([event_size * (event_size + 1) // 2], dtype), name="tril_params")
     return [AffineLowerTriangular(shift, tril)]
+
+
+def _build_whitening(event_size: int, dtype: tf.DType, kind: str) -> list[tfb.Bijector]:
+    """The output-side affine that `fit` sets to a Gaussian fit before training the rest."""
+    if kind == "none":
+        return []
+    shift = tf.Variable(tf.zeros([event_size], dtype), name="whitening_shift")
+    if kind == "diag":
+        log_scale = tf.Variable(tf.zeros([event_size], dtype), name="whitening_log_scale")
+        return [AffineDiagonal(shift, log_scale, name="whitening")]
+    tril = tf.Variable(tf.zeros([event_size * (event_size + 1) // 2], dtype), name="whitening_tril_params")
+    return [AffineLowerTriangular(shift, tril, name="whitening")]
 
 
 def _build_identity(event_size: int, dtype: tf.DType) -> list[tfb.Bijector]:
@@ -450,6 +477,7 @@ _MORE_FLOWS: dict[str, FlowSpec] = {
             "seed": 0,
             "num_components": 8,
             "output_affine": False,
+            "whitening": "auto",
             "min_slope": 0.01,
             "tol": None,
             "max_iterations": 100,
@@ -467,6 +495,7 @@ _MORE_FLOWS: dict[str, FlowSpec] = {
             "num_layers": 2,
             "hidden_factor": 8,
             "output_affine": True,
+            "whitening": "auto",
             "num_hidden_layers": 1,
             "permutation": "reverse",
             "seed": 0,
@@ -486,6 +515,7 @@ _MORE_FLOWS: dict[str, FlowSpec] = {
             "num_layers": 4,
             "num_householder": None,
             "output_affine": True,
+            "whitening": "auto",
             "seed": 0,
             "tol": None,
             "max_iterations": 100,
@@ -507,6 +537,7 @@ _MORE_FLOWS: dict[str, FlowSpec] = {
             "activation": "lipswish",
             "lipschitz": 0.9,
             "output_affine": True,
+            "whitening": "auto",
             "log_det": "exact",
             "seed": 0,
             "tol": None,
@@ -530,6 +561,7 @@ _MORE_FLOWS: dict[str, FlowSpec] = {
 _NETWORK: dict[str, Any] = {
     "num_layers": 3,
     "output_affine": False,
+    "whitening": "auto",
     "hidden_units": None,
     "activation": "elu",
     "permutation": "reverse",
@@ -648,7 +680,7 @@ def make_flow(
         raise ValueError(f"make_flow({name!r}): option(s) {both} given in options and as keywords")
     given.update(kwargs)
     resolved = _resolve_options(name, spec, event_size, given)
-    build_options = {k: v for k, v in resolved.items() if k != "output_affine"}
+    build_options = {k: v for k, v in resolved.items() if k not in ("output_affine", "whitening")}
     layers = list(spec.build(event_size, dtype, **build_options))
     if resolved.get("output_affine"):
         # A learned elementwise scale and shift on the output side: the stack
@@ -658,6 +690,9 @@ def make_flow(
         # N(0, 1) much on their own, and the coupling flows train less
         # reliably without it (docs/more_flows.md, "Output affine layer").
         layers += _build_affine_diag(event_size, dtype)
+    # Last, so that it maps the flow's standardised output onto the target's
+    # scales and correlations (set by `fit` from a Gaussian fit, see whitening.py).
+    layers += _build_whitening(event_size, dtype, resolved.get("whitening", "none"))
     config = {"name": name, "event_size": event_size, "dtype": dtype.name, "options": resolved}
     # A stack is exact only if every layer is (a layer may opt out, e.g. the
     # residual flow's stochastic log-det estimator).

@@ -106,6 +106,14 @@ _DIVERGENCE_ENERGY = 1000.0
 # Stan's windowed adaptation needs a few steps per window.
 _MIN_WINDOWED_WARMUP = 20
 _SAMPLE_CHAIN_SALT = "mcmc.sample_chain"
+# Latent-scale adaptation needs enough warm-up draws for a variance per coordinate.
+_MIN_LATENT_WARMUP = 100
+# Vehtari et al. (2021): R-hat above 1.01 means the chains disagree; above 1.05
+# the draws are very likely wrong.
+_RHAT_WARN = 1.01
+_RHAT_SEVERE = 1.05
+# More than 1 % divergent transitions: the sampler misses part of the posterior.
+_DIVERGENCE_WARN = 0.01
 
 
 # Stan's default, for NUTS and HMC alike. For NeuTra-HMC with ChEES, 0.75 gave
@@ -289,7 +297,12 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
                 num_adaptation_steps=num_adaptation_steps,
                 max_leapfrog_steps=max_leapfrog_steps,
             )
-        transformed = tfp.mcmc.TransformedTransitionKernel(inner, bijector=flow)
+        # A diagonal scale in front of the flow (z = f(s * v)): the latent-space
+        # mass matrix that `sample` adapts during warm-up to absorb scale the flow
+        # missed. At s = 1 it changes no bit of the draws.
+        self._latent_scale = tf.Variable(tf.ones([d], dtype), trainable=False, name="latent_scale")
+        self._bijector = tfb.Chain([flow, tfb.Scale(self._latent_scale)])
+        transformed = tfp.mcmc.TransformedTransitionKernel(inner, bijector=self._bijector)
         self._kernel = tfp.mcmc.DualAveragingStepSizeAdaptation(
             transformed,
             num_adaptation_steps=num_adaptation_steps,
@@ -327,6 +340,30 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
     def inner_kernel(self) -> tfp.mcmc.TransitionKernel:
         """The TFP kernel stack this kernel delegates to (dual averaging outermost)."""
         return self._kernel
+
+    @property
+    def latent_scale(self) -> tf.Variable:
+        """``s`` ``[d]``: the sampler moves ``v`` with ``z = flow(s * v)`` (ones by default)."""
+        return self._latent_scale
+
+    def rescale_latent(self, results: Any, new_scale: Any) -> Any:
+        """Sets :attr:`latent_scale` to ``new_scale`` and returns results for the same ``z``.
+
+        The chains keep their points (``v`` is rescaled so that ``s * v`` is
+        unchanged); the target and its gradient are re-evaluated in the new
+        latent space; the step-size and ChEES adaptation keep their state.
+        """
+        old = tf.convert_to_tensor(self._latent_scale)
+        new = tf.convert_to_tensor(new_scale, old.dtype)
+        ratio = old / new
+        transformed = results.inner_results
+        self._latent_scale.assign(new)
+        fresh = self._kernel.inner_kernel.bootstrap_results(
+            transformed_init_state=transformed.transformed_state * ratio)
+        if self._uses_chees:
+            chees = transformed.inner_results
+            fresh = fresh._replace(inner_results=chees._replace(inner_results=fresh.inner_results.inner_results))
+        return results._replace(inner_results=fresh)
 
     @property
     def is_calibrated(self) -> bool:
@@ -382,7 +419,7 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
         u = tf.random.stateless_normal(
             [num_chains, int(self.target.event_size)], seed=as_seed(seed), dtype=self.target.dtype
         )
-        return u, self.flow.forward(u)
+        return u, self._bijector.forward(u)
 
 
 # -- the plain baseline ---------------------------------------------------------
@@ -539,6 +576,11 @@ def _draw_stats(results) -> dict[str, tf.Tensor]:
 # -- the compiled loop ---------------------------------------------------------------
 
 
+def _latent_state(results):
+    """NeuTra's latent state ``v`` (``z = flow(s * v)``), None for the baseline."""
+    return unnest.get_innermost(results, "transformed_state", default=None)
+
+
 def _make_advance(kernel, buffer_size: int, jit_compile: bool):
     """One compiled function `advance(state, results, seed, n)` running `n` transitions.
 
@@ -557,6 +599,8 @@ def _make_advance(kernel, buffer_size: int, jit_compile: bool):
             z=tf.zeros([buffer_size] + state.shape.as_list(), state.dtype),
             **{k: tf.zeros([buffer_size] + v.shape.as_list(), v.dtype) for k, v in stats0.items()},
         )
+        if _latent_state(results) is not None:
+            buffers["v"] = tf.zeros([buffer_size] + state.shape.as_list(), state.dtype)
         zero = tf.zeros([], tf.int64)
 
         def body(i, state, results, seed, grads, divs, buffers):
@@ -566,7 +610,7 @@ def _make_advance(kernel, buffer_size: int, jit_compile: bool):
             grads += tf.reduce_sum(tf.cast(stats["n_steps"], tf.int64))
             divs += tf.reduce_sum(tf.cast(stats["diverging"], tf.int64))
             index = [[tf.math.floormod(i, buffer_size)]]
-            values = dict(z=state, **stats)
+            values = dict(z=state, v=_latent_state(results), **stats)
             buffers = {
                 k: tf.tensor_scatter_nd_update(buffers[k], index, values[k][tf.newaxis]) for k in buffers
             }
@@ -674,6 +718,7 @@ def sample(
     init_state: Any = None,
     progress: bool = True,
     jit_compile: bool = True,
+    adapt_latent_scale: bool = True,
 ) -> az.InferenceData:
     """Samples ``target`` with NeuTra (given a ``flow``) or with the plain baseline.
 
@@ -704,6 +749,13 @@ def sample(
         with ``flow.inverse`` once.
       progress: a tqdm bar over chunks of the compiled loop.
       jit_compile: XLA-compile the loop (``tf.function(jit_compile=True)``).
+      adapt_latent_scale: NeuTra only, ``num_warmup >= 100``: after half of the
+        warm-up, set a diagonal scale in the flow's latent space (a diagonal
+        mass matrix, :attr:`NeuTraKernel.latent_scale`) to the standard deviation
+        of the chains' latent draws over the second quarter of the warm-up, with
+        Stan's regularisation; step size and trajectory length go on adapting
+        for the second half. It absorbs scale the flow missed (a reverse-KL fit
+        is often too narrow).
 
     Returns:
       ``arviz.InferenceData`` with ``posterior``, ``sample_stats`` and attrs as
@@ -765,6 +817,7 @@ def sample(
                 "HMC with an adapted trajectory length (ChEES) needs num_chains >= 2; "
                 "pass num_leapfrog_steps or use kernel='nuts'"
             )
+        latent_half = num_warmup // 2 if adapt_latent_scale and num_warmup >= _MIN_LATENT_WARMUP else 0
         mcmc_kernel = _cached_kernel(
             cache_key,
             lambda: NeuTraKernel(
@@ -778,6 +831,8 @@ def sample(
                 max_tree_depth=max_tree_depth,
             ),
         )
+        # A cached kernel may hold the scale its last run adapted.
+        mcmc_kernel.latent_scale.assign(tf.ones([d], dtype))
         # The starts are checked before bootstrapping (which evaluates gradients)
         # so that a bad start fails fast and with the target's own words.
         if init_state is None:
@@ -790,11 +845,14 @@ def sample(
         adaptation = "dual-averaging step size" + (
             " + ChEES trajectory length" if mcmc_kernel.uses_chees else ""
         )
+        if latent_half:
+            adaptation += " + latent diagonal scale (one window)"
         sampler = f"NeuTra-{kind.upper()}"
         flow_name = _flow_name(bijector)
     else:
         if kind == "hmc" and num_leapfrog_steps is None:
             raise ValueError("the baseline HMC (flow=None) needs num_leapfrog_steps; or use kernel='nuts'")
+        latent_half = 0
         mcmc_kernel = _cached_kernel(
             cache_key,
             lambda: _baseline_kernel(
@@ -836,10 +894,13 @@ def sample(
     # Always 20 chunks (a few ms of dispatch each), so the bar never changes the
     # compiled function: progress on or off, same compiled loop, same draws.
     n_chunks = 20
-    warm_chunks = _chunks(num_warmup, max(1, math.ceil(num_warmup / n_chunks)))
+    warm_size = max(1, math.ceil(num_warmup / n_chunks))
+    # With latent adaptation, a chunk boundary falls at the half of the warm-up.
+    warm_chunks = _chunks(latent_half, warm_size) + _chunks(num_warmup - latent_half, warm_size)
     sample_size = max(1, math.ceil(num_samples / n_chunks))
     sample_chunks = _chunks(num_samples, sample_size)
-    advance = _cached_advance(cache_key + (sample_size, bool(jit_compile)), mcmc_kernel)
+    buffer_size = max(sample_size, warm_size if latent_half else 1)
+    advance = _cached_advance(cache_key + (buffer_size, bool(jit_compile)), mcmc_kernel)
     loop_seed = tfp.random.sanitize_seed(run_seed, salt=_SAMPLE_CHAIN_SALT)
 
     start = time.perf_counter()
@@ -853,12 +914,18 @@ def sample(
 
         bar = tqdm(total=num_warmup + num_samples, desc=f"{sampler} warm-up", unit="step")
     state = z0
-    grads_warmup = divs_warmup = 0
+    grads_warmup = divs_warmup = done = 0
+    window: list[np.ndarray] = []
     start = time.perf_counter()
     for n in warm_chunks:
-        state, results, loop_seed, g, v, _ = advance(state, results, loop_seed, tf.constant(n, tf.int32))
+        state, results, loop_seed, g, v, buffers = advance(state, results, loop_seed, tf.constant(n, tf.int32))
         grads_warmup += int(g)
         divs_warmup += int(v)
+        if latent_half and done >= latent_half // 2 and done + n <= latent_half:
+            window.append(buffers["v"].numpy()[:n])
+        done += n
+        if latent_half and done == latent_half:
+            results = mcmc_kernel.rescale_latent(results, _latent_scale_from(window, mcmc_kernel.latent_scale))
         if bar is not None:
             bar.update(n)
     warmup_time = time.perf_counter() - start
@@ -882,6 +949,7 @@ def sample(
     # [draw, chain, ...] -> [chain, draw, ...] as ArviZ wants.
     trace = {k: np.swapaxes(np.concatenate([p[k] for p in pieces]), 0, 1) for k in pieces[0]}
     z = trace.pop("z")
+    trace.pop("v", None)
     lp = target.unnormalized_log_prob(z.reshape(-1, d)).numpy().reshape(z.shape[:2])
     stats = dict(trace, lp=lp)
     stats["n_steps"] = stats["n_steps"].astype(np.int64)
@@ -923,6 +991,12 @@ def sample(
         attrs["max_tree_depth"] = max_tree_depth
     if training_time is not None:
         attrs["flow_training_time"] = training_time
+    training_grads = getattr(flow, "num_grad_evals", None)
+    if training_grads is not None:
+        attrs["num_grad_evals_training"] = int(training_grads)
+    if latent_half:
+        scale = mcmc_kernel.latent_scale.numpy()
+        attrs["latent_scale_min"], attrs["latent_scale_max"] = float(scale.min()), float(scale.max())
     truth = _ground_truth_json(target)
     if truth is not None:
         attrs["ground_truth"] = truth
@@ -931,7 +1005,9 @@ def sample(
         warnings.warn(
             f"{sampler} on {attrs['target']}: {divs_sampling} of {num_chains * num_samples} "
             f"post-warm-up transitions diverged ({divs_sampling / (num_chains * num_samples):.1%});"
-            " the draws may be biased. "
+            + (" the draws are likely biased. "
+               if divs_sampling > _DIVERGENCE_WARN * num_chains * num_samples else
+               " the draws may be biased. ")
             + ("Train the flow longer, use NUTS, or raise target_accept_prob."
                if bijector is not None else
                "Raise target_accept_prob, reparameterise the model, or precondition it "
@@ -943,4 +1019,41 @@ def sample(
     idata = az.from_dict(posterior=posterior, sample_stats=stats)
     for group in (idata.posterior, idata.sample_stats):
         group.attrs.update(attrs)
+    _warn_if_not_converged(idata, sampler, attrs["target"], bijector is not None)
     return idata
+
+
+def _latent_scale_from(window: list[np.ndarray], scale: tf.Variable) -> np.ndarray:
+    """Stan's regularised variance of the latent draws ``u = s * v`` in the window."""
+    u = np.concatenate(window).reshape(-1, scale.shape[0]) * scale.numpy()
+    n = u.shape[0]
+    var = (n / (n + 5.0)) * u.var(axis=0) + 1e-3 * (5.0 / (n + 5.0))
+    return np.sqrt(var)
+
+
+def _warn_if_not_converged(idata: az.InferenceData, sampler: str, target_name: str, neutra: bool) -> None:
+    """Warns, naming the variables, when the chains disagree (rank-normalised R-hat > 1.01)."""
+    if idata.posterior.sizes["chain"] < 2 or idata.posterior.sizes["draw"] < 4:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rhat = az.rhat(idata.posterior.astype(np.float64))
+    worst = {name: float(np.nanmax(np.asarray(rhat[name]))) for name in rhat.data_vars}
+    bad = {k: v for k, v in sorted(worst.items(), key=lambda kv: -kv[1]) if v > _RHAT_WARN}
+    if not bad:
+        return
+    shown = ", ".join(f"{k} (R-hat {v:.3g})" for k, v in list(bad.items())[:6])
+    severe = max(bad.values()) > _RHAT_SEVERE
+    fix = ("the flow is not a good enough preconditioner here: train it longer (fit(num_steps=...)), "
+           "use a more flexible flow (make_flow('naf', ...)), or compare with plain NUTS "
+           "(sample(target, None, kernel='nuts'))" if neutra else
+           "run longer chains (num_warmup, num_samples), reparameterise the model, or precondition it "
+           "with a flow (NeuTra)")
+    warnings.warn(
+        f"{sampler} on {target_name}: the chains have not converged"
+        + (" (the draws are likely wrong)" if severe else "")
+        + f": {shown}. R-hat above {_RHAT_WARN} means the chains disagree; do not trust these draws. "
+        f"To fix: {fix}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )

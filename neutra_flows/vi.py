@@ -62,8 +62,9 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
 
-from neutra_flows._utils import check_positive_int, split_seed
+from neutra_flows._utils import as_seed, check_positive_int, split_seed
 from neutra_flows.targets import Target
+from neutra_flows.whitening import fit_gaussian, set_whitening, whitening_layer
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -103,6 +104,11 @@ class FitResult:
       num_diagnostic_draws: draws used for ``elbo``, ``khat`` and ``ess_is``.
       log_weights: ``[num_diagnostic_draws]`` raw ``log p(z) - log q(z)``.
       target_name: the target's name.
+      whitening: the :class:`~neutra_flows.whitening.GaussianFit` written into the
+        flow's whitening layer before training (``None`` when there was none).
+      stop_reason: why training stopped (the stopping rule, or the budget).
+      num_grad_evals: target gradient evaluations spent: whitening, training
+        (steps x batch) and the diagnostic draws. The honest cost of the flow.
     """
 
     flow: tfb.Bijector
@@ -118,6 +124,9 @@ class FitResult:
     num_diagnostic_draws: int = 0
     log_weights: np.ndarray | None = field(default=None, repr=False)
     target_name: str = "target"
+    whitening: Any = None
+    stop_reason: str = ""
+    num_grad_evals: int = 0
 
     @property
     def recovered(self) -> list[str]:
@@ -143,6 +152,11 @@ class FitResult:
             f"  PSIS k-hat = {self.khat:.3f}, importance-sampling ESS = {self.ess_is:.0f} "
             f"of {self.num_diagnostic_draws}",
         ]
+        if self.whitening is not None:
+            lines.append(f"  whitening: {self.whitening.method}, Gaussian ELBO {self.whitening.elbo:.4f}")
+        if self.stop_reason:
+            lines.append(f"  stopped: {self.stop_reason}")
+        lines.append(f"  target gradients spent: {self.num_grad_evals}")
         if not np.isfinite(self.khat):
             lines.append(
                 "  k-hat could not be computed: do not trust q as a posterior; sample with "
@@ -399,6 +413,8 @@ def fit(
     num_diagnostic_draws: int = 16384,
     global_clipnorm: float | None = None,
     max_recoveries: int = 5,
+    whiten: bool = True,
+    early_stopping: bool = True,
 ) -> FitResult:
     """Fits ``flow`` to ``target`` by minimising ``KL(q || p)``, ``q = flow_# N(0, I_d)``.
 
@@ -420,6 +436,17 @@ def fit(
         targets with extreme curvature such as funnels).
       max_recoveries: how many chunk rollbacks (each lowering the learning rate
         4x) are allowed before a ``RuntimeError``.
+      whiten: when the flow has a ``whitening`` layer (every network flow from
+        ``make_flow`` has one by default), first fit a Gaussian to the target by
+        MAP, Laplace and deterministic ADVI with L-BFGS
+        (:func:`neutra_flows.whitening.fit_gaussian`), write it into that layer
+        and keep it fixed; Adam then trains the rest of the flow on top of it.
+        ``False`` leaves the layer as it is (trained by Adam with the rest).
+      early_stopping: ``num_steps`` is then a budget: training stops once the
+        loss (the mean of each chunk of ``steps_per_chunk`` steps) has not
+        improved by more than two standard errors for three chunks in a row,
+        after the learning rate was lowered 10x twice on such plateaus. The
+        reason is in ``result.stop_reason``.
 
     Returns:
       A :class:`FitResult`.
@@ -444,6 +471,9 @@ def fit(
     variables = _check_flow(flow, d, dtype)
     train_seed, diag_seed, check_seed = split_seed(seed, 3)
     notes: list[str] = []
+    whiten_start = time.perf_counter()
+    gaussian, variables = _whiten(target, flow, variables, whiten, seed, notes)
+    whiten_time = time.perf_counter() - whiten_start
 
     # Look at the first points the target will be given: the flow's image of the
     # base mode and a few draws. NaN / +inf / bad shapes fail here, loudly.
@@ -460,6 +490,7 @@ def fit(
         return log_q, log_p
 
     losses = np.full([num_steps], np.nan)
+    stop_reason = "no training steps"
     start = time.perf_counter()
     if num_steps > 0 and not variables:
         notes.append("the flow has no trainable variables: nothing to train")
@@ -512,6 +543,7 @@ def fit(
 
         compiled = tf.function(run_chunk, jit_compile=jit_compile, autograph=False)
         bar = _progress_bar(num_steps, f"fit {target.name}", progress)
+        rule = _StoppingRule(num_steps, lr_scale, early_stopping)
         recoveries = 0
         step = 0
         try:
@@ -551,6 +583,8 @@ def fit(
                     finite_losses = chunk_losses[np.isfinite(chunk_losses)]
                     if finite_losses.size:
                         bar.set_postfix(loss=f"{finite_losses[-min(10, finite_losses.size) :].mean():.4g}")
+                    if rule.update(step, chunk_losses):
+                        break
                     continue
                 # Too many failures in this chunk: roll back and lower the learning rate.
                 _restore(variables, params_before)
@@ -573,7 +607,10 @@ def fit(
                 )
         finally:
             bar.close()
-    wall_time = time.perf_counter() - start
+        losses = losses[:step]
+        notes.extend(rule.notes)
+        stop_reason = rule.reason or rule.budget_reason(step)
+    wall_time = time.perf_counter() - start + whiten_time
 
     # Diagnostics on fresh draws, in blocks to bound memory.
     log_w = []
@@ -609,12 +646,85 @@ def fit(
         elbo_se=elbo_se,
         khat=khat,
         ess_is=ess,
-        num_steps=num_steps,
+        num_steps=len(losses),
         notes=notes,
         num_diagnostic_draws=num_diagnostic_draws,
         log_weights=log_w,
         target_name=target.name,
+        whitening=gaussian,
+        stop_reason=stop_reason,
+        num_grad_evals=(0 if gaussian is None else gaussian.num_grad_evals) + len(losses) * batch_size
+        + num_diagnostic_draws,
     )
+
+
+def _whiten(target, flow, variables, whiten: bool, seed, notes: list[str]):
+    """Sets the flow's whitening layer from a Gaussian fit; returns ``(fit, variables to train)``."""
+    layer = whitening_layer(flow)
+    if not whiten or layer is None:
+        return None, variables
+    # A seed of its own (folded in, not split) leaves the training's seeds as they were.
+    gaussian = fit_gaussian(
+        target,
+        seed=tf.random.experimental.stateless_fold_in(as_seed(seed), 0x57484954),
+        full_rank=hasattr(layer, "tril_params"),
+    )
+    set_whitening(layer, gaussian)
+    notes.extend(f"whitening: {n}" for n in gaussian.notes)
+    frozen = {id(v) for v in layer.trainable_variables}
+    return gaussian, [v for v in variables if id(v) not in frozen]
+
+
+class _StoppingRule:
+    """Plateau rule on chunk means: lower the learning rate 10x twice, then stop.
+
+    A chunk improves when its mean loss is below the best chunk mean by more
+    than two standard errors of the difference (the steps' losses are
+    independent Monte Carlo estimates). It starts judging after 20 % of the
+    budget (at least 3 chunks), so the early, fast descent is never cut short.
+    """
+
+    patience = 3
+    max_decays = 2
+
+    def __init__(self, num_steps: int, lr_scale: tf.Variable, enabled: bool):
+        self.num_steps, self.lr_scale, self.enabled = num_steps, lr_scale, enabled
+        self.best, self.best_se, self.stale, self.decays = math.inf, 0.0, 0, 0
+        self.last_gain = math.nan
+        self.reason, self.notes = "", []
+        self.seen = 0
+
+    def update(self, step: int, chunk_losses: np.ndarray) -> bool:
+        """Records a finished chunk (``step`` = steps done); True means stop now."""
+        finite = chunk_losses[np.isfinite(chunk_losses)]
+        self.seen += 1
+        if finite.size < 10:
+            return False
+        mean, se = float(finite.mean()), float(finite.std() / math.sqrt(finite.size))
+        threshold = 2.0 * math.sqrt(se**2 + self.best_se**2)
+        self.last_gain = self.best - mean
+        if self.last_gain > threshold or not math.isfinite(self.best):
+            self.best, self.best_se, self.stale = mean, se, 0
+            return False
+        self.stale += 1
+        if not self.enabled or step < max(0.2 * self.num_steps, 3) or self.stale < self.patience:
+            return False
+        if self.decays < self.max_decays:
+            self.decays += 1
+            self.stale = 0
+            self.lr_scale.assign(self.lr_scale * 0.1)
+            self.notes.append(f"step {step}: the loss stopped improving; learning rate lowered 10x")
+            return False
+        self.reason = (f"converged at step {step} of {self.num_steps}: no improvement beyond two "
+                       f"standard errors (best chunk mean {self.best:.4g} +/- {self.best_se:.2g}) in "
+                       f"{self.patience} chunks after {self.max_decays} learning-rate reductions")
+        return True
+
+    def budget_reason(self, step: int) -> str:
+        if self.stale == 0 and math.isfinite(self.last_gain) and self.seen > 1:
+            return (f"budget of {self.num_steps} steps reached while the loss was still improving "
+                    f"(last chunk {self.last_gain:.3g} below the best before): more steps may help")
+        return f"budget of {self.num_steps} steps reached"
 
 
 def _describe(code: int) -> str:

@@ -144,6 +144,7 @@ def test_event_size_one_has_no_permutations_and_learnable_layers():
 )
 def test_output_affine_adds_one_trainable_scale_and_shift_last(name, default):
     small = {"hidden_units": [4]} if "hidden_units" in make_flow(name, 3).flow_config["options"] else {}
+    small["whitening"] = "none"  # the output affine is then the last layer
     on = make_flow(name, 3, output_affine=True, **small)
     off = make_flow(name, 3, output_affine=False, **small)
     assert make_flow(name, 3, **small).flow_config["options"]["output_affine"] is default
@@ -156,3 +157,37 @@ def test_output_affine_adds_one_trainable_scale_and_shift_last(name, default):
     shift = [v for v in last.trainable_variables if "shift" in v.name][0]
     shift.assign([1.0, -2.0, 0.5])
     np.testing.assert_allclose(on.forward(u).numpy() - [1.0, -2.0, 0.5], u.numpy(), atol=1e-5)
+
+
+WHITENED = ["iaf", "maf", "naf", "realnvp", "nsf", "nsf_ar", "bnaf", "sylvester", "residual"]
+
+
+@pytest.mark.parametrize("name", WHITENED)
+def test_whitening_layer_is_last_identity_at_init_and_resolved(name):
+    from neutra_flows.bijectors import AffineLowerTriangular
+
+    small = {"hidden_units": [4]} if "hidden_units" in make_flow(name, 3).flow_config["options"] else {}
+    flow = make_flow(name, 3, **small)
+    # "auto" is resolved when the flow is built, so a saved config rebuilds the same layer.
+    assert flow.flow_config["options"]["whitening"] == "full"
+    assert isinstance(flow.layers[-1], AffineLowerTriangular) and flow.layers[-1].name == "whitening"
+    assert make_flow(name, 3, whitening="diag", **small).layers[-1].name == "whitening"
+    none = make_flow(name, 3, whitening="none", **small)
+    assert none.layers[-1].name != "whitening"
+    assert len(flow.trainable_variables) == len(none.trainable_variables) + 2
+    u = tf.random.stateless_normal([4, 3], seed=[3, 4])
+    np.testing.assert_allclose(flow.forward(u).numpy(), u.numpy(), atol=1e-6)
+
+
+def test_whitening_auto_is_diagonal_above_the_full_rank_limit():
+    from neutra_flows.whitening import FULL_RANK_MAX_DIM
+
+    flow = make_flow("iaf", FULL_RANK_MAX_DIM + 1, hidden_units=[2])
+    assert flow.flow_config["options"]["whitening"] == "diag"
+    assert make_flow("iaf", FULL_RANK_MAX_DIM, hidden_units=[2]).flow_config["options"]["whitening"] == "full"
+
+
+@pytest.mark.parametrize("bad", ["yes", True, None, "Full"])
+def test_whitening_bad_value_names_the_choices(bad):
+    with pytest.raises(ValueError, match="whitening must be one of"):
+        make_flow("iaf", 3, whitening=bad)

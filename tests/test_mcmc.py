@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from neutra_flows import Target, targets
+from neutra_flows import Target, make_flow, targets
 from neutra_flows._utils import split_seed
 from neutra_flows.mcmc import NeuTraKernel, sample
 
@@ -304,9 +304,12 @@ def test_log_det_sign_pulled_back_density_is_standard_normal():
     assert z0.shape == (3, 5) and z0.dtype == tf.float64
 
 
-def test_kernel_in_sample_chain_equals_sample(gaussian, gaussian_hmc):
+def test_kernel_in_sample_chain_equals_sample(gaussian):
     target, flow = gaussian
     warmup, draws = 300, 25
+    # Without the latent-scale window `sample` is sample_chain with a NeuTraKernel.
+    plain = sample(target, flow, kernel="hmc", num_chains=4, num_warmup=warmup, num_samples=draws, seed=7,
+                   progress=False, adapt_latent_scale=False)
     kernel = NeuTraKernel(target, flow, kernel="hmc", num_adaptation_steps=warmup)
     init_seed, run_seed = split_seed(7)
     # The starts are drawn outside the compiled loop, as `sample` does: XLA's
@@ -328,7 +331,37 @@ def test_kernel_in_sample_chain_equals_sample(gaussian, gaussian_hmc):
 
     expected = np.swapaxes(run(z0, results).numpy(), 0, 1)
     # Two XLA programs may fuse float ops differently: equal up to rounding.
-    np.testing.assert_allclose(gaussian_hmc.posterior["x"].values[:, :draws], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(plain.posterior["x"].values, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_latent_scale_window_absorbs_a_flow_that_is_too_narrow():
+    # A flow that maps N(0, I) to a quarter of the target's scale: the window
+    # must find a latent scale near 4 on every coordinate, and the draws stay right.
+    target = targets.correlated_gaussian(3, 0.0, scale=[1.0, 2.0, 0.5], dtype=tf.float64)
+    flow = make_flow("affine_diag", 3, dtype=tf.float64)
+    flow.layers[0].log_scale.assign(np.log([0.25, 0.5, 0.125]))
+    idata = sample(target, flow, kernel="hmc", num_chains=4, num_warmup=400, num_samples=500, seed=3,
+                   progress=False)
+    attrs = idata.posterior.attrs
+    assert "latent diagonal scale" in attrs["adaptation"]
+    assert 3.0 < attrs["latent_scale_min"] and attrs["latent_scale_max"] < 5.5
+    draws = idata.posterior["x"].values.reshape(-1, 3)
+    np.testing.assert_allclose(draws.std(0), [1.0, 2.0, 0.5], rtol=0.15)
+    off = sample(target, flow, kernel="hmc", num_chains=4, num_warmup=400, num_samples=500, seed=3,
+                 progress=False, adapt_latent_scale=False)
+    assert "latent_scale_min" not in off.posterior.attrs
+    # The cached kernel starts each run at s = 1 again.
+    assert "latent diagonal scale" not in off.posterior.attrs["adaptation"]
+
+
+def test_rhat_warning_names_the_variable():
+    target = targets.correlated_gaussian(2, 0.0, dtype=tf.float64)
+    flow = make_flow("affine_diag", 2, dtype=tf.float64)
+    # Two chains far apart that cannot mix in 30 steps of a tiny step size.
+    z0 = np.array([[-30.0, 0.0], [30.0, 0.0]])
+    with pytest.warns(RuntimeWarning, match=r"have not converged.*x \(R-hat"):
+        sample(target, flow, kernel="hmc", num_leapfrog_steps=1, num_chains=2, num_warmup=0,
+               num_samples=30, step_size=1e-3, init_state=z0, seed=0, progress=False)
 
 
 def test_baseline_nuts_windowed_adaptation():

@@ -55,7 +55,8 @@ def _affine_then_nsf():
     # A spline maps [-bound, bound] onto itself (identity outside), so it cannot
     # stretch N(0, 1) to the banana's spread (x0 has sd 10) by itself: a trainable
     # diagonal affine layer after it sets the scale, the spline the shape.
-    nsf = make_flow("nsf", 2, hidden_units=[16, 16], num_layers=2, bound=10.0)
+    # whitening="none": inside a hand-built Chain, fit sees no whitening layer to set.
+    nsf = make_flow("nsf", 2, hidden_units=[16, 16], num_layers=2, bound=10.0, whitening="none")
     return tfb.Chain([make_flow("affine_diag", 2), nsf])
 
 
