@@ -272,13 +272,15 @@ def test_unknown_name_lists_the_models():
         assert name in str(err.value)
 
 
-def test_float32_build():
-    t64 = load_posteriordb("garch-garch11")
-    t32 = load_posteriordb("garch-garch11", dtype=tf.float32)
-    assert t32.dtype == tf.float32 and t32.ground_truth_mean["mu"].dtype == np.float32
+@pytest.mark.parametrize("name", POSTERIORDB_MODELS)
+def test_float32_build(name):
+    t64 = load_posteriordb(name)
+    t32 = load_posteriordb(name, dtype=tf.float32)
+    assert t32.dtype == tf.float32
+    assert all(v.dtype == np.float32 for v in t32.ground_truth_mean.values())
     z = t64.unconstrain(t64.ground_truth_mean).numpy()[np.newaxis]
     lp32 = t32.unnormalized_log_prob(z.astype(np.float32)).numpy()
-    np.testing.assert_allclose(lp32, t64.unnormalized_log_prob(z).numpy(), rtol=1e-4)
+    np.testing.assert_allclose(lp32, t64.unnormalized_log_prob(z).numpy(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["arma-arma11", "garch-garch11", "gp_pois_regr-gp_regr"])

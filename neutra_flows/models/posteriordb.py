@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 from collections.abc import Callable, Mapping
@@ -103,21 +104,23 @@ def _reference(name: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict, 
 # -- building blocks --------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
 class _Model:
     """One translated Stan program: variable shapes, bijectors, priors and log-likelihood.
 
-    ``priors`` maps a variable to a ``tfd`` distribution whose ``log_prob`` of the
-    variable's value (event included) is its prior term; a variable missing from
-    ``priors`` has Stan's flat prior. ``log_likelihood(x, c)`` takes the dict of
-    constrained values (leading batch dims allowed) and the dtype-cast constants.
+    ``bijectors`` maps each variable to Stan's constraining transform (``None``:
+    garch's joint :class:`_GarchBounds`). ``priors`` maps a variable to a ``tfd``
+    distribution whose ``log_prob`` of the variable's value (event included) is
+    its prior term; a variable missing from ``priors`` has Stan's flat prior.
+    ``log_likelihood(x, c)`` takes the dict of constrained values (leading batch
+    dims allowed) and the data ``constants`` cast to the target's dtype.
     """
 
-    def __init__(self, shapes, bijectors, priors, log_likelihood, constants):
-        self.shapes = shapes
-        self.bijectors = bijectors
-        self.priors = priors
-        self.log_likelihood = log_likelihood
-        self.constants = constants
+    shapes: dict[str, tuple[int, ...]]
+    bijectors: dict[str, tfb.Bijector] | None
+    priors: dict[str, tfd.Distribution]
+    log_likelihood: Callable[[dict, dict], tf.Tensor]
+    constants: dict[str, np.ndarray]
 
 
 def _normal_lpdf(y, loc, scale):
