@@ -4,8 +4,10 @@ The public API:
 
 * flows: :func:`make_flow`, :data:`FLOW_NAMES`, :func:`save_flow`, :func:`load_flow`
   and the bijector classes in :mod:`neutra_flows.bijectors`;
-* targets: :class:`Target` and the built-ins in :mod:`neutra_flows.targets`;
-* variational inference: :func:`fit`, :func:`fit_to_data`, :class:`FitResult`;
+* targets: :class:`Target`, the built-ins in :mod:`neutra_flows.targets` and the
+  real models with reference posteriors in :mod:`neutra_flows.models`;
+* variational inference: :func:`fit` (with its whitening stage,
+  :mod:`neutra_flows.whitening`), :func:`fit_to_data`, :class:`FitResult`;
 * NeuTra sampling: :class:`NeuTraKernel`, :func:`sample`;
 * diagnostics: :func:`compare`; pictures in :mod:`neutra_flows.plots`.
 """
@@ -17,7 +19,7 @@ import os as _os
 # chosen one. It must be set before TensorFlow is first imported.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from neutra_flows import bench, bijectors, plots, targets  # noqa: E402
+from neutra_flows import bench, bijectors, models, plots, targets, whitening  # noqa: E402
 from neutra_flows.diagnostics import compare  # noqa: E402
 from neutra_flows.flows import FLOW_NAMES, make_flow  # noqa: E402
 from neutra_flows.io import load_flow, save_flow  # noqa: E402
@@ -35,7 +37,9 @@ __all__ = [
     "Target",
     "bench",
     "bijectors",
+    "models",
     "plots",
+    "whitening",
     "compare",
     "fit",
     "fit_to_data",

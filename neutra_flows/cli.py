@@ -8,6 +8,10 @@
 ``neutra-flows sample FILE.py:FUNCTION``
     the same pipeline on a user's model: ``FUNCTION()`` returns a
     :class:`neutra_flows.Target` or a pinned TFP ``JointDistribution``.
+``neutra-flows suite [--models NAME ...] --out DIR``
+    NeuTra and NUTS on every real model of the suite (posteriordb and the
+    built-in targets), one table (markdown and JSON) and one figure, with a
+    progress line per model (:mod:`neutra_flows.suite`).
 ``neutra-flows list``
     the built-in targets and flows.
 
@@ -97,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     user = sub.add_parser("sample", help="run the pipeline on your model: FILE.py:FUNCTION")
     user.add_argument("model", help="FILE.py:FUNCTION returning a Target or a pinned JointDistribution")
     _add_run_options(user)
+    suite = sub.add_parser("suite", help="NeuTra and NUTS on every real model; one table and one figure")
+    suite.add_argument("--models", nargs="+", choices=sorted(BENCHMARKS), default=None, metavar="NAME",
+                       help="models to run (default: every posteriordb model and the built-ins with a truth)")
+    suite.add_argument("--out", required=True,
+                       help="folder for suite.md, suite.json, the figure and per-model outputs")
+    suite.add_argument("--seed", type=_non_negative, default=0, help="seed (default 0)")
+    suite.add_argument("--quiet", action="store_true", help="no progress lines")
     sub.add_parser("list", help="list the built-in targets and flows")
     return parser
 
@@ -197,6 +208,16 @@ def _run(args: argparse.Namespace, target: Any) -> int:
     return 0
 
 
+def _run_suite(args: argparse.Namespace) -> int:
+    from neutra_flows.suite import run_suite, suite_table_markdown
+
+    rows = run_suite(args.models, out=args.out, seed=args.seed,
+                     log=None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)))
+    print(suite_table_markdown(rows), flush=True)
+    print(f"wrote suite.md, suite.json and suite_ess_per_grad.png to {args.out}", flush=True)
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     parser = build_parser()
@@ -221,6 +242,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         if args.command == "bench":
             return _run(args, args.target)
+        if args.command == "suite":
+            return _run_suite(args)
         return _run(args, load_user_model(args.model))
     except (ValueError, FileNotFoundError) as err:
         print(f"neutra-flows: error: {err}", file=sys.stderr)

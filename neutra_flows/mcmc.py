@@ -362,7 +362,8 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
             transformed_init_state=transformed.transformed_state * ratio)
         if self._uses_chees:
             chees = transformed.inner_results
-            fresh = fresh._replace(inner_results=chees._replace(inner_results=fresh.inner_results.inner_results))
+            hmc = fresh.inner_results.inner_results
+            fresh = fresh._replace(inner_results=chees._replace(inner_results=hmc))
         return results._replace(inner_results=fresh)
 
     @property

@@ -154,3 +154,30 @@ def test_module_entry_point():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "funnel" in proc.stdout
+
+
+def test_suite_unknown_model_is_a_usage_error(capsys):
+    from neutra_flows.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["suite", "--models", "no-such-model", "--out", "x"])
+    assert err.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_run_suite_writes_one_table_figure_and_rows(tmp_path):
+    from neutra_flows.suite import run_suite
+
+    with pytest.raises(ValueError, match="unknown suite model"):
+        run_suite(["nope"])
+    rows = run_suite(["kidiq-kidscore_interaction"], out=tmp_path, log=None, train_steps=30, batch_size=16,
+                     num_warmup=60, num_samples=40, num_chains=2)
+    (row,) = rows
+    assert "error" not in row, row
+    for key in ("neutra_ess_per_grad", "nuts_ess_per_grad", "ratio", "neutra_ess_per_grad_total",
+                "ratio_is_lower_bound", "neutra_correct", "goals"):
+        assert key in row
+    assert row["neutra_ess_per_grad_total"] < row["neutra_ess_per_grad"]  # training is counted
+    for name in ("suite.md", "suite.json", "suite_ess_per_grad.png", "kidiq-kidscore_interaction/results.json"):
+        assert (tmp_path / name).exists(), name
+    assert "kidiq-kidscore_interaction" in (tmp_path / "suite.md").read_text()
