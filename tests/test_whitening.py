@@ -73,12 +73,12 @@ def test_fit_whiten_false_leaves_the_layer_to_adam():
 def test_stopping_rule_stops_a_converged_fit_and_says_so():
     target = targets.correlated_gaussian(2, 0.0)
     flow = make_flow("iaf", 2, hidden_units=[4], num_layers=1)
-    r = fit(target, flow, num_steps=3000, batch_size=64, seed=0, **QUICK)
-    assert r.num_steps < 3000 and r.stop_reason.startswith("converged"), r.stop_reason
+    r = fit(target, flow, num_steps=1500, batch_size=64, seed=0, **QUICK)
+    assert r.num_steps < 1500 and r.stop_reason.startswith("converged"), r.stop_reason
     assert len(r.losses) == r.num_steps
-    full = fit(target, make_flow("iaf", 2, hidden_units=[4], num_layers=1), num_steps=600, batch_size=64,
+    full = fit(target, make_flow("iaf", 2, hidden_units=[4], num_layers=1), num_steps=300, batch_size=64,
                seed=0, early_stopping=False, **QUICK)
-    assert full.num_steps == 600 and full.stop_reason.startswith("budget")
+    assert full.num_steps == 300 and full.stop_reason.startswith("budget")
 
 
 @pytest.mark.parametrize("flow_name", ["affine_tril", "identity"])
