@@ -72,6 +72,8 @@ tfd = tfp.distributions
 __all__ = ["DataFitResult", "FitResult", "default_learning_rate", "fit", "fit_to_data", "psis_diagnostics"]
 
 KHAT_THRESHOLD = 0.7
+# PSIS k-hat below which a Gaussian fit is already a good posterior (Yao et al. 2018).
+_GAUSSIAN_GOOD_KHAT = 0.5
 
 # A chunk in which more than this fraction of steps had to be skipped is rolled
 # back and retried with a lower learning rate.
@@ -415,6 +417,7 @@ def fit(
     max_recoveries: int = 5,
     whiten: bool = True,
     early_stopping: bool = True,
+    skip_training_if_gaussian: bool = True,
 ) -> FitResult:
     """Fits ``flow`` to ``target`` by minimising ``KL(q || p)``, ``q = flow_# N(0, I_d)``.
 
@@ -447,6 +450,11 @@ def fit(
         improved by more than two standard errors for three chunks in a row,
         after the learning rate was lowered 10x twice on such plateaus. The
         reason is in ``result.stop_reason``.
+      skip_training_if_gaussian: after whitening, when the Gaussian already
+        passes PSIS (k-hat < 0.5 on 2048 fresh draws), leave the rest of the
+        flow at the identity: training would spend hundreds of thousands of
+        target gradients for a fraction of a nat (an AR(5) model: ELBO 58.49 ->
+        58.59 in 1800 steps). The summary says so; ``False`` trains anyway.
 
     Returns:
       A :class:`FitResult`.
@@ -474,6 +482,12 @@ def fit(
     whiten_start = time.perf_counter()
     gaussian, variables = _whiten(target, flow, variables, whiten, seed, notes)
     whiten_time = time.perf_counter() - whiten_start
+    if skip_training_if_gaussian and gaussian is not None and gaussian.khat < _GAUSSIAN_GOOD_KHAT:
+        num_steps = 0
+        skipped_reason = (f"not trained: the whitening Gaussian already fits (PSIS k-hat {gaussian.khat:.2f} "
+                          f"< {_GAUSSIAN_GOOD_KHAT}); pass skip_training_if_gaussian=False to train the flow")
+    else:
+        skipped_reason = ""
 
     # Look at the first points the target will be given: the flow's image of the
     # base mode and a few draws. NaN / +inf / bad shapes fail here, loudly.
@@ -490,7 +504,7 @@ def fit(
         return log_q, log_p
 
     losses = np.full([num_steps], np.nan)
-    stop_reason = "no training steps"
+    stop_reason = skipped_reason or "no training steps"
     start = time.perf_counter()
     if num_steps > 0 and not variables:
         notes.append("the flow has no trainable variables: nothing to train")

@@ -72,6 +72,8 @@ class GaussianFit:
       map_found: whether a MAP with a positive-definite Hessian was found.
       num_grad_evals: target gradients (and values) spent, all stages together.
       notes: what happened (no MAP, failed searches, candidates' ELBOs).
+      khat: the winner's PSIS k-hat on the fresh draws: below 0.5 the Gaussian
+        is already a good approximation of the posterior.
     """
 
     loc: np.ndarray
@@ -82,6 +84,7 @@ class GaussianFit:
     map_found: bool
     num_grad_evals: int
     notes: list[str] = field(default_factory=list)
+    khat: float = math.nan
 
 
 class _Counter:
@@ -226,7 +229,8 @@ def _dadvi(target, theta0: np.ndarray, u_fixed, full_rank: bool, counter: _Count
     return theta
 
 
-def _fresh_elbo(target, loc, tril, seed, counter: _Counter) -> tuple[float, float]:
+def _fresh_elbo(target, loc, tril, seed, counter: _Counter) -> tuple[float, float, float]:
+    """``(ELBO, its standard error, PSIS k-hat)`` of ``N(loc, tril tril^T)`` on fresh draws."""
     d, dtype = target.event_size, target.dtype
     u = tf.random.stateless_normal([_ELBO_DRAWS, d], seed, dtype=dtype)
     z = tf.constant(loc, dtype) + tf.linalg.matvec(tf.constant(tril, dtype), u)
@@ -234,8 +238,18 @@ def _fresh_elbo(target, loc, tril, seed, counter: _Counter) -> tuple[float, floa
     log_w = np.asarray(target.unnormalized_log_prob(z) - log_q, np.float64)
     counter.add(_ELBO_DRAWS)
     if not np.all(np.isfinite(log_w)):
-        return -math.inf, math.inf
-    return float(log_w.mean()), float(log_w.std() / math.sqrt(log_w.size))
+        return -math.inf, math.inf, math.inf
+    return float(log_w.mean()), float(log_w.std() / math.sqrt(log_w.size)), _khat(log_w)
+
+
+def _khat(log_w: np.ndarray) -> float:
+    import warnings
+
+    import arviz as az
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(az.psislw(log_w, reff=1.0)[1])
 
 
 def fit_gaussian(
@@ -267,8 +281,14 @@ def fit_gaussian(
     map_seed, draw_seed, elbo_seed = split_seed(seed, 3)
     counter, notes = _Counter(), []
 
-    z_map, _ = _find_map(target, map_seed, max(1, num_starts), counter, notes)
-    laplace = None if z_map is None else _laplace_tril(target, z_map, counter, notes)
+    try:
+        z_map, _ = _find_map(target, map_seed, max(1, num_starts), counter, notes)
+        laplace = None if z_map is None else _laplace_tril(target, z_map, counter, notes)
+    except (tf.errors.OpError, ValueError, np.linalg.LinAlgError) as err:
+        # A failed search is a note, never a crash: the other candidates remain.
+        notes.append(f"MAP search failed ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+                     "whitening goes on without it")
+        z_map = laplace = None
     u_fixed = tf.random.stateless_normal([num_fixed_draws, d], draw_seed, dtype=dtype)
 
     # N(0, I) competes too: on a funnel the fixed-draw Gaussian is narrower than
@@ -279,8 +299,12 @@ def fit_gaussian(
         starts = {"laplace": (np.asarray(z_map, np.float64), laplace), **starts}
         candidates["laplace"] = starts["laplace"]
     for label, (loc0, tril0) in starts.items():
-        theta = _dadvi(target, _pack(loc0, tril0 if full_rank else np.diag(np.diag(tril0)), full_rank),
-                       u_fixed, full_rank, counter, notes, f"from {label}")
+        try:
+            theta = _dadvi(target, _pack(loc0, tril0 if full_rank else np.diag(np.diag(tril0)), full_rank),
+                           u_fixed, full_rank, counter, notes, f"from {label}")
+        except (tf.errors.OpError, ValueError) as err:
+            notes.append(f"DADVI from {label} failed ({type(err).__name__}); dropped")
+            theta = None
         if theta is not None:
             loc, tril = _unpack(tf.constant(theta, tf.float64), d, full_rank)
             candidates[f"dadvi from {label}"] = (loc.numpy(), tril.numpy())
@@ -288,16 +312,17 @@ def fit_gaussian(
     scored = {k: _fresh_elbo(target, loc, tril, elbo_seed, counter) for k, (loc, tril) in candidates.items()}
     if scored:
         notes.append("whitening candidates' ELBO: " + ", ".join(
-            f"{k} {e:.4g} +/- {s:.2g}" for k, (e, s) in scored.items()))
+            f"{k} {e:.4g} +/- {s:.2g}" for k, (e, s, _) in scored.items()))
     finite = {k: v for k, v in scored.items() if math.isfinite(v[0])}
     if not finite:
         notes.append("whitening failed (no candidate has a finite ELBO): the identity is used")
         return GaussianFit(np.zeros(d), np.eye(d), "identity", -math.inf, math.inf, laplace is not None,
-                           counter.n, notes)
+                           counter.n, notes, khat=math.inf)
     best = max(finite, key=lambda k: finite[k][0])
     loc, tril = candidates[best]
-    return GaussianFit(np.asarray(loc, np.float64), np.asarray(tril, np.float64), best, finite[best][0],
-                       finite[best][1], laplace is not None, counter.n, notes)
+    elbo, elbo_se, khat = finite[best]
+    return GaussianFit(np.asarray(loc, np.float64), np.asarray(tril, np.float64), best, elbo, elbo_se,
+                       laplace is not None, counter.n, notes, khat=khat)
 
 
 def whitening_layer(flow: Any):

@@ -50,6 +50,9 @@ def test_fit_sets_and_freezes_the_whitening_layer_then_neutra_is_right():
     flow = make_flow("iaf", 3, hidden_units=[8, 8], num_layers=2)
     r = fit(target, flow, num_steps=200, batch_size=64, seed=0, **QUICK)
     assert r.whitening is not None and r.whitening.map_found
+    # A Gaussian target: the whitening already fits, so the flow is not trained.
+    assert r.whitening.khat < 0.5 and r.num_steps == 0 and r.stop_reason.startswith("not trained")
+    assert "skip_training_if_gaussian=False" in r.summary()
     layer = whitening_layer(flow)
     np.testing.assert_allclose(layer.shift.numpy(), r.whitening.loc.astype(np.float32), rtol=1e-5)
     assert r.khat < 0.7, r.summary()
@@ -73,11 +76,11 @@ def test_fit_whiten_false_leaves_the_layer_to_adam():
 def test_stopping_rule_stops_a_converged_fit_and_says_so():
     target = targets.correlated_gaussian(2, 0.0)
     flow = make_flow("iaf", 2, hidden_units=[4], num_layers=1)
-    r = fit(target, flow, num_steps=1500, batch_size=64, seed=0, **QUICK)
+    r = fit(target, flow, num_steps=1500, batch_size=64, seed=0, skip_training_if_gaussian=False, **QUICK)
     assert r.num_steps < 1500 and r.stop_reason.startswith("converged"), r.stop_reason
     assert len(r.losses) == r.num_steps
     full = fit(target, make_flow("iaf", 2, hidden_units=[4], num_layers=1), num_steps=300, batch_size=64,
-               seed=0, early_stopping=False, **QUICK)
+               seed=0, early_stopping=False, skip_training_if_gaussian=False, **QUICK)
     assert full.num_steps == 300 and full.stop_reason.startswith("budget")
 
 
@@ -86,3 +89,25 @@ def test_flows_without_a_whitening_layer_are_trained_as_before(flow_name):
     target = targets.correlated_gaussian(2, 0.5)
     r = fit(target, make_flow(flow_name, 2), num_steps=20, batch_size=16, seed=0, **QUICK)
     assert r.whitening is None
+
+
+def test_a_failing_map_search_is_a_note_not_a_crash(monkeypatch):
+    import neutra_flows.whitening as w
+
+    def broken(*args, **kwargs):
+        raise tf.errors.InvalidArgumentError(None, None, "line search blew up")
+
+    monkeypatch.setattr(w, "_find_map", broken)
+    target, mean, _ = _badly_scaled()
+    g = fit_gaussian(target, seed=0)
+    assert not g.map_found
+    assert any("MAP search failed" in n for n in g.notes)
+    # DADVI from N(0, I) still whitens this Gaussian (L-BFGS copes with the scales).
+    assert g.method in ("identity", "dadvi from N(0, I)")
+    assert np.all(np.isfinite(g.loc))
+
+
+def test_a_non_gaussian_target_is_still_trained():
+    flow = make_flow("iaf", 2, hidden_units=[8], num_layers=2)
+    r = fit(targets.banana(), flow, num_steps=200, batch_size=64, seed=0, **QUICK)
+    assert r.whitening.khat > 0.5 and r.num_steps > 0
