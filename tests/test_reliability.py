@@ -1,0 +1,152 @@
+"""Reliability: no result that is silently wrong, no user file lost, every model family loads.
+
+One test (or a few) per case of the "Bad input" table in docs/guide.md.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+import neutra_flows as nf
+from neutra_flows._utils import as_seed, split_seed
+from neutra_flows.targets import Target
+
+tfb = tfp.bijectors
+tfd = tfp.distributions
+
+
+def _std_normal_lp(x):
+    return tf.reduce_sum(-0.5 * tf.square(x) - 0.5 * math.log(2 * math.pi), axis=-1)
+
+
+# -- 1. simplex models (TFP's Pad against NumPy 2.4) -------------------------------------
+
+
+def test_softmax_centered_builds():
+    y = tfb.SoftmaxCentered().forward(tf.zeros([2, 2]))
+    np.testing.assert_allclose(y.numpy(), np.full([2, 3], 1 / 3), rtol=1e-6)
+
+
+def test_dirichlet_joint_distribution_target_builds_evaluates_and_has_finite_gradient():
+    jd = tfd.JointDistributionNamed(
+        dict(
+            probs=tfd.Dirichlet(tf.ones([3])),
+            counts=lambda probs: tfd.Multinomial(10.0, probs=probs),
+        )
+    )
+    t = Target.from_joint_distribution(jd.experimental_pin(counts=tf.constant([2.0, 3.0, 5.0])))
+    assert t.event_size == 2 and t.names == ("probs",)
+    z = tf.constant([[0.0, 0.0], [0.3, -0.4]])
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        lp = t.unnormalized_log_prob(z)
+    grad = tape.gradient(lp, z)
+    assert np.all(np.isfinite(lp.numpy())) and np.all(np.isfinite(grad.numpy()))
+    draws = t.named_draws(z.numpy())["probs"]
+    np.testing.assert_allclose(draws.sum(axis=-1), 1.0, rtol=1e-6)
+
+
+# -- 2. a log density without gradient ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: _std_normal_lp(tf.round(x)),
+        lambda x: _std_normal_lp(tf.cast(tf.cast(3.0 * x, tf.int32), tf.float32)),
+        lambda x: _std_normal_lp(tf.stop_gradient(x)),
+        lambda x: tf.zeros_like(x[..., 0]),
+    ],
+    ids=["round", "int_cast", "stop_gradient", "constant"],
+)
+def test_log_density_without_gradient_is_rejected_at_construction(fn):
+    with pytest.raises(ValueError, match="gradient of the log density is .*differentiable TensorFlow ops"):
+        Target(fn, 2)
+
+
+def test_check_rejects_a_density_without_gradient_in_fit_even_unvalidated():
+    t = Target(lambda x: _std_normal_lp(tf.round(x)), 2, validate=False, name="rounded")
+    flow = nf.make_flow("affine_diag", 2)
+    with pytest.raises(ValueError, match="rounded: the gradient of the log density is missing"):
+        nf.fit(t, flow, num_steps=1, batch_size=4, num_diagnostic_draws=16, seed=0, progress=False)
+
+
+def test_zero_gradient_at_some_points_only_is_fine():
+    # Flat between -1 and 1 in the first coordinate, Gaussian in the second.
+    t = Target(lambda x: -0.5 * tf.square(x[..., 1]) - 0.5 * tf.nn.relu(tf.abs(x[..., 0]) - 1) ** 2, 2)
+    t.check(np.zeros([4, 2], np.float32) + [0.0, 0.5])
+
+
+# -- 3. a log density written in numpy -------------------------------------------------
+
+
+def test_numpy_log_density_is_rejected_at_construction():
+    def numpy_lp(x):
+        return np.sum(-0.5 * np.asarray(x) ** 2, axis=-1)
+
+    with pytest.raises(ValueError, match=r"numpy.*TensorFlow ops|TensorFlow ops.*not numpy"):
+        Target(numpy_lp, 2)
+
+
+def test_python_branch_on_a_tensor_is_rejected_at_construction():
+    def branchy(x):
+        return _std_normal_lp(x) if bool(tf.reduce_all(x < 100.0)) else tf.zeros_like(x[..., 0])
+
+    with pytest.raises(ValueError, match="not inside tf.function"):
+        Target(branchy, 2)
+
+
+# -- 4. +inf during sampling ------------------------------------------------------------
+
+
+def _plus_inf_beyond(x):
+    return tf.where(x[..., 0] > 1.5, tf.constant(np.inf, x.dtype), _std_normal_lp(x))
+
+
+def test_plus_inf_reached_while_sampling_is_an_error_naming_plus_inf():
+    t = Target(_plus_inf_beyond, 2, name="plus_inf_beyond")  # finite at the probe points
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"plus_inf_beyond: the log density is \+inf at \d+ of 40 kept"):
+            nf.sample(t, None, num_chains=2, num_warmup=20, num_samples=20, seed=0, progress=False,
+                      jit_compile=False)
+
+
+def test_check_draws_lp_accepts_finite_draws():
+    from neutra_flows.mcmc import _check_draws_lp
+
+    _check_draws_lp(np.zeros([2, 3]), np.zeros([2, 3, 1]), "t")
+    with pytest.raises(ValueError, match="NaN at 1 of 6"):
+        _check_draws_lp(np.array([[0.0, 0.0, np.nan], [0.0, 0.0, 0.0]]), np.zeros([2, 3, 1]), "t")
+
+
+# -- 8 and 10. seeds -----------------------------------------------------------------------
+
+
+def test_small_int_seeds_map_as_before():
+    # The published figures depend on this mapping: [0, n] for n < 2**31 - 1.
+    for n in (0, 1, 42, 2**31 - 2):
+        assert as_seed(n).numpy().tolist() == [0, n]
+
+
+def test_int_seeds_do_not_collide():
+    seeds = [0, 1, 2**31 - 2, 2**31 - 1, 2**31, 2**32, 2**40 + 3, 2**62 - 2]
+    pairs = {tuple(as_seed(s).numpy().tolist()) for s in seeds}
+    assert len(pairs) == len(seeds)
+    a = tf.random.stateless_normal([4], seed=as_seed(0))
+    b = tf.random.stateless_normal([4], seed=as_seed(2**31 - 1))
+    assert not np.allclose(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("seed", ["abc", 1.5, True, -1, 2**62 - 1, [1, 2, 3], [[1, 2]], None])
+def test_bad_seeds_are_value_errors(seed):
+    with pytest.raises(ValueError, match="seed"):
+        as_seed(seed)
+    with pytest.raises(ValueError, match="seed"):
+        split_seed(seed)
