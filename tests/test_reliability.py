@@ -150,3 +150,71 @@ def test_bad_seeds_are_value_errors(seed):
         as_seed(seed)
     with pytest.raises(ValueError, match="seed"):
         split_seed(seed)
+
+
+# -- 5 and 6. saved flows ---------------------------------------------------------------
+
+
+def _small_trained(name="iaf", d=3):
+    flow = nf.make_flow(name, d, num_layers=2, hidden_units=[8])
+    rng = np.random.default_rng(1)
+    for var in flow.variables:
+        var.assign(rng.normal(scale=0.3, size=var.shape).astype(var.dtype.as_numpy_dtype))
+    return flow
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [('"name": "iaf"', '"name": "maf"'), ('"activation": "elu"', '"activation": "tanh"'),
+     ('"permutation": "reverse"', '"permutation": "random"'), ('"seed": 0', '"seed": 1')],
+    ids=["iaf_to_maf", "elu_to_tanh", "permutation", "seed"],
+)
+def test_hand_edited_header_is_refused(old, new, tmp_path):
+    path = nf.save_flow(_small_trained(), tmp_path / "flow")
+    text = (path / "flow.json").read_text()
+    assert old in text
+    (path / "flow.json").write_text(text.replace(old, new))
+    with pytest.raises(ValueError, match=r"flow.json does not match its checksum \(content_sha256\)"):
+        nf.load_flow(path)
+
+
+def _as_version_1(path):
+    import json
+
+    header = json.loads((path / "flow.json").read_text())
+    header.pop("content_sha256")
+    header["version"] = 1
+    (path / "flow.json").write_text(json.dumps(header))
+
+
+def test_version_1_folders_load_with_a_warning_and_resave_as_version_2(tmp_path):
+    flow = _small_trained()
+    path = nf.save_flow(flow, tmp_path / "flow")
+    _as_version_1(path)
+    with pytest.warns(UserWarning, match="format version 1"):
+        loaded = nf.load_flow(path)
+    x = tf.constant([[0.1, -0.2, 0.3]])
+    np.testing.assert_array_equal(loaded.forward(x).numpy(), flow.forward(x).numpy())
+    nf.save_flow(loaded, path, overwrite=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nf.load_flow(path)
+
+
+def test_version_1_coupling_spline_is_refused(tmp_path):
+    path = nf.save_flow(_small_trained("nsf"), tmp_path / "flow")
+    _as_version_1(path)
+    with pytest.raises(ValueError, match="parameterisation changed"):
+        nf.load_flow(path)
+
+
+def test_overwrite_keeps_the_users_other_files(tmp_path):
+    path = nf.save_flow(_small_trained(), tmp_path / "flow")
+    (path / "notes.txt").write_text("my notes")
+    (path / "plots").mkdir()
+    (path / "plots" / "loss.png").write_bytes(b"png")
+    nf.save_flow(nf.make_flow("affine_diag", 3), path, overwrite=True)
+    assert (path / "notes.txt").read_text() == "my notes"
+    assert (path / "plots" / "loss.png").read_bytes() == b"png"
+    assert nf.load_flow(path).flow_config["name"] == "affine_diag"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow"]  # no temporary folder left
