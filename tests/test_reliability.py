@@ -218,3 +218,31 @@ def test_overwrite_keeps_the_users_other_files(tmp_path):
     assert (path / "plots" / "loss.png").read_bytes() == b"png"
     assert nf.load_flow(path).flow_config["name"] == "affine_diag"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flow"]  # no temporary folder left
+
+
+# -- 7. the CLI's --out is checked before any work ------------------------------------------
+
+
+def _no_run(*_args, **_kwargs):
+    raise AssertionError("the run started although --out is unusable")
+
+
+@pytest.mark.parametrize("command", [["bench", "banana"], ["sample", "no_such_model.py:model"]])
+@pytest.mark.parametrize("where", ["file", "under_file", "flow_is_file"])
+def test_unusable_out_fails_before_any_work(command, where, tmp_path, capsys, monkeypatch):
+    from neutra_flows import bench, cli
+
+    monkeypatch.setattr(bench, "run_benchmark", _no_run)
+    blocker = tmp_path / "results"
+    if where == "flow_is_file":
+        blocker.mkdir()
+        (blocker / "flow").write_text("a file where the trained flow goes")
+        out = blocker
+    else:
+        blocker.write_text("an existing file")
+        out = blocker if where == "file" else blocker / "sub"
+    code = cli.main([*command, "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--out {out}" in err and err.count("\n") == 1
+    assert blocker.exists() and (blocker.is_dir() or blocker.read_text() == "an existing file")
