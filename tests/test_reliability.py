@@ -6,6 +6,7 @@ One test (or a few) per case of the "Bad input" table in docs/guide.md.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -246,3 +247,79 @@ def test_unusable_out_fails_before_any_work(command, where, tmp_path, capsys, mo
     assert code == 2
     assert f"--out {out}" in err and err.count("\n") == 1
     assert blocker.exists() and (blocker.is_dir() or blocker.read_text() == "an existing file")
+
+
+# -- 8. the surrogate samples statelessly -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_fit():
+    t = nf.targets.banana()
+    flow = nf.make_flow("iaf", 2, num_layers=1, hidden_units=[8])
+    return nf.fit(t, flow, num_steps=20, batch_size=16, num_diagnostic_draws=64, seed=0, progress=False)
+
+
+def test_surrogate_int_seed_is_stateless_and_distinct(small_fit):
+    q = small_fit.surrogate
+    a, b = q.sample(4, seed=1).numpy(), q.sample(4, seed=1).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(q.sample(4, seed=0).numpy(), q.sample(4, seed=2**31 - 1).numpy())
+    assert not np.allclose(a, q.sample(4, seed=2).numpy())
+    x, lp = q.experimental_sample_and_log_prob(4, seed=1)
+    np.testing.assert_array_equal(x.numpy(), a)
+    assert lp.shape == (4,)
+    assert q.sample(3).shape == (3, 2)  # seed=None: TFP's fresh draws, still allowed
+
+
+def test_hand_built_fit_result_gets_the_stateless_surrogate():
+    base = tfd.MultivariateNormalDiag(tf.zeros([2]), tf.ones([2]))
+    q = tfd.TransformedDistribution(base, tfb.Shift([1.0, 2.0]))
+    r = nf.FitResult(flow=None, surrogate=q, losses=np.zeros(3), wall_time=0.0, elbo=0.0, elbo_se=0.0,
+                     khat=0.2, ess_is=1.0, num_steps=3)
+    np.testing.assert_array_equal(r.surrogate.sample(2, seed=5).numpy(), r.surrogate.sample(2, seed=5).numpy())
+
+
+# -- 10 and 11. FitResult: no steps, failure -------------------------------------------------
+
+
+def _result(losses, khat=0.3):
+    return nf.FitResult(flow=None, surrogate=None, losses=np.asarray(losses, float), wall_time=1.0,
+                        elbo=-1.0, elbo_se=0.1, khat=khat, ess_is=100.0, num_steps=len(losses),
+                        num_diagnostic_draws=1000)
+
+
+def test_zero_steps_summary_is_clean():
+    t = nf.targets.banana()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = nf.fit(t, nf.make_flow("affine_diag", 2), num_steps=0, num_diagnostic_draws=256, seed=0,
+                   progress=False)
+        text = r.summary()
+    assert "no training steps" in text and "final loss" not in text
+    assert not re.search(r"\bnan\b", text.split("ELBO")[0])
+
+
+def test_rising_loss_is_a_failure_with_advice():
+    rng = np.random.default_rng(0)
+    rising = np.linspace(1.0, 5.0, 200) + 0.1 * rng.standard_normal(200)
+    r = _result(rising)
+    assert r.failed and "rose" in r.failure_reasons[0]
+    assert "FIT FAILED" in r.summary() and "try:" in r.summary()
+
+
+def test_falling_or_noisy_flat_loss_is_not_a_failure():
+    rng = np.random.default_rng(0)
+    assert not _result(np.linspace(5.0, 1.0, 200) + 0.1 * rng.standard_normal(200)).failed
+    assert not _result(2.0 + 0.1 * rng.standard_normal(200)).failed
+    assert not _result([3.0, 2.0, 4.0]).failed  # too short to tell
+    assert "FIT FAILED" not in _result(np.linspace(5.0, 1.0, 200)).summary()
+
+
+def test_khat_above_one_and_plus_inf_density_are_failures():
+    r = _result(np.linspace(5.0, 1.0, 200), khat=1.4)
+    assert r.failed and "k-hat = 1.4 > 1" in r.failure_reasons[0]
+    assert not _result(np.linspace(5.0, 1.0, 200), khat=float("nan")).failed
+    losses = np.linspace(5.0, 1.0, 200)
+    losses[50] = -np.inf
+    assert any("+inf" in reason for reason in _result(losses).failure_reasons)
+    assert _result(np.full(20, np.nan)).failed
