@@ -83,6 +83,11 @@ def _content_sha256(header: dict[str, Any]) -> str:
 
 def _check_target_folder(path: Path, overwrite: bool) -> None:
     if not path.exists():
+        parent = path.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"cannot create {path}: {parent} is a file, not a folder")
         return
     if not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
