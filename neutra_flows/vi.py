@@ -102,8 +102,13 @@ def _stateless(seed: Any) -> Any:
     return None if seed is None else as_seed(seed)
 
 
+# tfd.TransformedDistribution(...) returns an instance of this private base
+# class when the bijector is not a CompositeTensor (our Keras-backed flows).
+_TRANSFORMED_BASE = tfd.TransformedDistribution.__mro__[1]
+
+
 def _with_stateless_sampling(dist: Any) -> Any:
-    if not isinstance(dist, tfd.TransformedDistribution.__mro__[1]) or isinstance(
+    if not isinstance(dist, _TRANSFORMED_BASE) or isinstance(
         dist, StatelessTransformedDistribution
     ):
         return dist
