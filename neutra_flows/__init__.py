@@ -19,6 +19,11 @@ import os as _os
 # chosen one. It must be set before TensorFlow is first imported.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from neutra_flows import _compat  # noqa: E402
+
+# Before anything builds a bijector: TFP 0.25's Pad needs it under NumPy >= 2.4.
+_compat.apply()
+
 from neutra_flows import bench, bijectors, models, plots, targets, whitening  # noqa: E402
 from neutra_flows.diagnostics import compare  # noqa: E402
 from neutra_flows.flows import FLOW_NAMES, make_flow  # noqa: E402

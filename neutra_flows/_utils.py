@@ -11,19 +11,46 @@ import tensorflow_probability as tfp
 __all__ = ["as_seed", "split_seed", "canonical_dtype", "dtype_name", "check_positive_int"]
 
 
+# Ints below _INT32_LIMIT map to [0, seed], as they always have (every seeded
+# stream and published figure depends on it); larger ints use the first
+# element too, so the mapping stays one-to-one up to MAX_INT_SEED.
+_INT32_LIMIT = 2**31 - 1
+MAX_INT_SEED = 2**62 - 2
+
+
+def _int_seed(seed: int) -> list[int]:
+    if seed < 0 or seed > MAX_INT_SEED:
+        raise ValueError(f"an int seed must lie in [0, 2**62 - 2], got {seed}")
+    if seed < _INT32_LIMIT:
+        return [0, seed]
+    high, low = divmod(seed - _INT32_LIMIT, 2**31)
+    return [high + 1, low]
+
+
 def as_seed(seed: Any) -> tf.Tensor:
     """Turns an int, a pair of ints or a stateless seed tensor into a `[2]` int32 seed.
 
     Every function that draws takes a `seed`; the same seed always gives the
-    same numbers because only stateless TF ops consume it.
+    same numbers because only stateless TF ops consume it. Distinct int seeds
+    in ``[0, 2**62 - 2]`` give distinct stateless seeds (``n < 2**31 - 1`` maps
+    to ``[0, n]``); a negative or larger int, a bool, a float or a string is a
+    ``ValueError``.
     """
     if seed is None:
         raise ValueError("a seed is required (an int or a pair of ints); got None")
+    if isinstance(seed, (bool, np.bool_)):
+        raise ValueError(f"seed must be an int or a pair of ints, got {seed!r}")
     if isinstance(seed, (int, np.integer)):
-        if int(seed) < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed}")
-        return tf.constant([0, int(seed) % (2**31 - 1)], dtype=tf.int32)
-    return tfp.random.sanitize_seed(seed)
+        return tf.constant(_int_seed(int(seed)), dtype=tf.int32)
+    if isinstance(seed, (str, bytes, float, np.floating)):
+        raise ValueError(f"seed must be an int or a pair of ints, got {type(seed).__name__} {seed!r}")
+    try:
+        out = tfp.random.sanitize_seed(seed)
+    except (TypeError, ValueError, tf.errors.InvalidArgumentError) as err:
+        raise ValueError(f"seed must be an int or a pair of ints, got {seed!r}: {err}") from err
+    if out.shape.rank is not None and out.shape.as_list() != [2]:
+        raise ValueError(f"a seed tensor must have shape [2], got {seed!r}")
+    return out
 
 
 def split_seed(seed: Any, n: int = 2) -> list[tf.Tensor]:

@@ -28,13 +28,14 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 # TensorFlow's C++ start-up chatter (CUDA probing, XLA banners) is noise on a
 # command line; set before TensorFlow is first imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-__all__ = ["build_parser", "main", "parse_flow_options"]
+__all__ = ["build_parser", "check_out_folder", "main", "parse_flow_options"]
 
 
 def _positive(text: str) -> int:
@@ -156,6 +157,36 @@ def parse_flow_options(items: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_out_folder(out: str, subfolders: Sequence[str] = ()) -> None:
+    """Raises ``ValueError`` naming ``out`` unless it is, or can be created as, a writable folder.
+
+    Run before any work: a bench run takes minutes, and its figures must not be
+    lost to an ``--out`` that was a file all along. ``subfolders`` (one per flow
+    of a sweep) get the same check, and so does the saved flow inside each.
+    """
+    from neutra_flows.io import _check_target_folder
+
+    for folder in [Path(out)] + [Path(out) / s for s in subfolders]:
+        existing = _first_existing(folder.absolute())
+        if existing == folder.absolute() and not existing.is_dir():
+            raise ValueError(f"--out {out}: {folder} exists and is not a folder")
+        if not existing.is_dir():
+            raise ValueError(f"--out {out}: cannot create {folder}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out}: cannot write to {existing} (permission denied)")
+        if (folder / "flow").exists():
+            try:
+                _check_target_folder(folder / "flow", overwrite=True)
+            except ValueError as err:
+                raise ValueError(f"--out {out}: the trained flow goes to {folder / 'flow'}: {err}") from None
+
+
 def _run(args: argparse.Namespace, target: Any) -> int:
     from neutra_flows.bench import run_benchmark, write_outputs
 
@@ -240,6 +271,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"{name:26s} {spec.description}")
             print("flows: " + ", ".join(FLOW_NAMES))
             return 0
+        if args.out is not None:
+            sweep = list(dict.fromkeys(args.flow)) if args.flow and len(set(args.flow)) > 1 else []
+            check_out_folder(args.out, sweep)
         if args.command == "bench":
             return _run(args, args.target)
         if args.command == "suite":

@@ -255,6 +255,12 @@ def _coupling_builder(spline: bool) -> Builder:
     ) -> list[tfb.Bijector]:
         num_masked = event_size // 2
         transformer = RationalQuadraticTransformer(num_bins, bound) if spline else AffineTransformer()
+        # The MLP's every output sums all its last hidden units, so Adam grows the
+        # spline logits fast (MADE's masks cut most of those paths); 10 steps at
+        # rate 0.05 gave bins whose slopes fall to ~1e-8, not invertible in
+        # float32. Scaling the width and height logits by 1/sqrt(width) keeps
+        # the spline well conditioned (Durkan et al.'s reference code does the same).
+        logit_scale = 1.0 / math.sqrt(hidden_units[-1]) if num_masked > 0 and hidden_units else 1.0
 
         def make_layer(i: int, layer_seed: int) -> tfb.Bijector:
             mlp = MLP(
@@ -267,7 +273,12 @@ def _coupling_builder(spline: bool) -> Builder:
             )
             if spline:
                 return NeuralSplineFlow(
-                    mlp, num_bins=num_bins, bound=bound, num_masked=num_masked, name=f"nsf_{i}"
+                    mlp,
+                    num_bins=num_bins,
+                    bound=bound,
+                    num_masked=num_masked,
+                    logit_scale=logit_scale,
+                    name=f"nsf_{i}",
                 )
             return RealNVP(mlp, num_masked=num_masked, name=f"real_nvp_{i}")
 

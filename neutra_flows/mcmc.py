@@ -691,6 +691,29 @@ def _check_start(target: Any, z: np.ndarray, what: str) -> None:
         )
 
 
+def _check_draws_lp(lp: np.ndarray, z: np.ndarray, target_name: str) -> None:
+    """Raises when a kept draw has log density +inf or NaN.
+
+    +inf (a singularity of the density) attracts the chains, which then stay
+    there with every later transition divergent: the draws are meaningless, and
+    a divergence warning alone does not say why. ``-inf`` cannot be accepted by
+    the sampler and never appears here.
+    """
+    bad = np.isnan(lp) | (lp == np.inf)
+    if not bad.any():
+        return
+    chain, draw = np.unravel_index(int(np.argmax(bad)), lp.shape)
+    what = "NaN" if np.isnan(lp[chain, draw]) else "+inf"
+    point = np.array2string(z[chain, draw], precision=4, threshold=12)
+    raise ValueError(
+        f"{target_name}: the log density is {what} at {int(bad.sum())} of {bad.size} kept draws "
+        f"(first: chain {chain}, draw {draw}, z = {point}); "
+        "the chains were drawn into a point where the density is not a finite number, so the draws "
+        "are meaningless. A log density must be finite or -inf everywhere: fix log_prob_fn "
+        "(or its constraining bijector) there."
+    )
+
+
 def _ground_truth_json(target: Any) -> str | None:
     mean = getattr(target, "ground_truth_mean", None)
     std = getattr(target, "ground_truth_std", None)
@@ -952,6 +975,7 @@ def sample(
     z = trace.pop("z")
     trace.pop("v", None)
     lp = target.unnormalized_log_prob(z.reshape(-1, d)).numpy().reshape(z.shape[:2])
+    _check_draws_lp(lp, z, str(getattr(target, "name", "target")))
     stats = dict(trace, lp=lp)
     stats["n_steps"] = stats["n_steps"].astype(np.int64)
     if "tree_depth" in stats:

@@ -122,7 +122,9 @@ class Target:
       sample_fn: optional exact sampler ``(n, seed) -> [n, *event_shape]`` draws in
         the constrained space (the space of ``log_prob_fn``).
       validate: evaluate the density at a few fixed points now and raise a
-        ``ValueError`` on NaN, ``+inf`` or a wrong output shape (see :meth:`check`).
+        ``ValueError`` on NaN, ``+inf``, a wrong output shape, a missing or zero
+        gradient (see :meth:`check`), or a density that cannot be traced by
+        ``tf.function`` (numpy calls), as ``fit`` and ``sample`` run it.
 
     Attributes:
       event_size: ``d``, the size of the flat unconstrained vector.
@@ -275,7 +277,31 @@ class Target:
         # Deterministic probe points: the origin and two small, non-symmetric points.
         ramp = np.linspace(-0.5, 0.5, d) if d > 1 else np.array([0.3])
         z = np.stack([np.zeros(d), ramp, -0.7 * ramp[::-1]]).astype(self._dtype.as_numpy_dtype)
+        # fit and sample run the density inside tf.function: a density that only
+        # works eagerly (numpy calls, Python branches on values) must fail here,
+        # not after minutes of set-up. Tracing is cheap: nothing is executed.
+        graph_error = self._trace_error(z.shape)
+        if graph_error is not None and _looks_like_numpy(graph_error):
+            raise ValueError(
+                f"{self.name}: the log density calls numpy on a TensorFlow tensor when traced by "
+                "tf.function (as fit and sample do): write log_prob_fn with TensorFlow ops "
+                f"(tf.math, tf.linalg, tfp.distributions), not numpy. The error: {_first_line(graph_error)}"
+            ) from graph_error
         self.check(z)
+        if graph_error is not None:
+            raise ValueError(
+                f"{self.name}: the log density works eagerly but not inside tf.function, where fit and "
+                "sample run it; use TensorFlow ops only (no numpy, no Python `if` on tensor values). "
+                f"The error: {_first_line(graph_error)}"
+            ) from graph_error
+
+    def _trace_error(self, shape: tuple[int, ...]) -> Exception | None:
+        spec = tf.TensorSpec(shape, self._dtype)
+        try:
+            tf.function(self.unnormalized_log_prob, autograph=False).get_concrete_function(spec)
+        except Exception as err:  # noqa: BLE001 - any failure of user code is reported, with its text
+            return err
+        return None
 
     @classmethod
     def _from_structure(
@@ -543,18 +569,22 @@ class Target:
 
     def check(self, z: Any) -> None:
         """Raises ``ValueError`` if the log density at ``z`` (``[..., d]``) is NaN or
-        ``+inf``, has the wrong shape, or cannot be evaluated. ``-inf`` is allowed."""
+        ``+inf``, has the wrong shape, or cannot be evaluated, or if its gradient is
+        missing (None) or zero at every point where it is finite. ``-inf`` is allowed."""
         z = np.asarray(z, dtype=self._dtype.as_numpy_dtype)
         if z.ndim == 0 or z.shape[-1] != self._event_size:
             raise ValueError(f"{self.name}: points must have shape [..., {self._event_size}], got {z.shape}")
+        z_tensor = tf.convert_to_tensor(z)
         try:
-            lp = self.unnormalized_log_prob(z)
+            with tf.GradientTape() as tape:
+                tape.watch(z_tensor)
+                lp_tensor = self.unnormalized_log_prob(z_tensor)
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as err:
             raise ValueError(
                 f"{self.name}: the log density failed at points of shape {z.shape} "
                 f"(first point {_format_point(z.reshape(-1, self._event_size)[0])}): {err}"
             ) from err
-        lp = np.asarray(lp)
+        lp = np.asarray(lp_tensor)
         expected = z.shape[:-1]
         if lp.shape != expected:
             hint = ""
@@ -576,6 +606,30 @@ class Target:
                 f" ({int(bad.sum())} of {bad.size} points bad); -inf (outside the "
                 "support) is allowed, NaN and +inf are not"
             )
+        self._check_gradient(tape.gradient(lp_tensor, z_tensor), lp)
+
+    def _check_gradient(self, grad: tf.Tensor | None, lp: np.ndarray) -> None:
+        """Raises when the density has no gradient: None, or zero at every point where it is finite.
+
+        fit and sample follow the gradient; a density built from ops without one
+        (tf.round, a cast to int, tf.stop_gradient, numpy) would otherwise train
+        to garbage or leave the chains where they started, without an error.
+        """
+        finite = np.isfinite(lp)
+        if grad is not None:
+            g = np.asarray(grad)[finite]
+            if g.size == 0 or not np.all(g == 0):
+                return
+            what = f"zero at all {int(finite.sum())} points checked"
+        else:
+            what = "missing (None: no differentiable path from z to log p)"
+        raise ValueError(
+            f"{self.name}: the gradient of the log density is {what}. fit and sample need "
+            "gradients: write log_prob_fn with differentiable TensorFlow ops (tf.math, tfp); "
+            "tf.round, casts to int, tf.stop_gradient and numpy have none. A density that is "
+            "truly flat (a uniform on an interval) should be given a constraining_bijector "
+            "(e.g. tfb.Sigmoid(low, high)) instead of -inf outside its support."
+        )
 
     def __repr__(self) -> str:
         gt = "known" if self._ground_truth_mean is not None else "unknown"
@@ -584,6 +638,16 @@ class Target:
             f"dtype={self._dtype.name}, names={list(self._names)}, ground_truth={gt}, "
             f"exact_sampler={self.has_exact_sampler})"
         )
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def _looks_like_numpy(err: Exception) -> bool:
+    text = str(err).lower()
+    return "numpy" in text or "__array__" in text
 
 
 def _structure_names(jd: Any, dtype_struct: Any, n: int) -> list[str]:

@@ -84,6 +84,42 @@ _LR_BACKOFF = 0.25
 # -- results -----------------------------------------------------------------------
 
 
+class StatelessTransformedDistribution(tfd.TransformedDistribution):
+    """A ``tfd.TransformedDistribution`` whose ``sample(n, seed=int)`` is reproducible.
+
+    TFP reads an int seed as a *stateful* seed: two calls with ``seed=1`` give
+    different draws. Here an int (or a pair of ints) is turned into a stateless
+    seed with :func:`neutra_flows._utils.as_seed` first, as everywhere else in
+    the package, so the same seed always gives the same draws and distinct int
+    seeds give distinct ones. ``seed=None`` keeps TFP's behaviour (fresh draws).
+    """
+
+    def sample(self, sample_shape=(), seed=None, name="sample", **kwargs):
+        return super().sample(sample_shape, seed=_stateless(seed), name=name, **kwargs)
+
+    def experimental_sample_and_log_prob(self, sample_shape=(), seed=None, name="sample_and_log_prob", **kw):
+        return super().experimental_sample_and_log_prob(sample_shape, seed=_stateless(seed), name=name, **kw)
+
+
+def _stateless(seed: Any) -> Any:
+    return None if seed is None else as_seed(seed)
+
+
+# tfd.TransformedDistribution(...) returns an instance of this private base
+# class when the bijector is not a CompositeTensor (our Keras-backed flows).
+_TRANSFORMED_BASE = tfd.TransformedDistribution.__mro__[1]
+
+
+def _with_stateless_sampling(dist: Any) -> Any:
+    if not isinstance(dist, _TRANSFORMED_BASE) or isinstance(
+        dist, StatelessTransformedDistribution
+    ):
+        return dist
+    return StatelessTransformedDistribution(
+        distribution=dist.distribution, bijector=dist.bijector, name=dist.name
+    )
+
+
 @dataclass
 class FitResult:
     """What :func:`fit` returns.
@@ -92,6 +128,8 @@ class FitResult:
       flow: the trained flow (the object passed in, trained in place).
       surrogate: ``q`` in the user's constrained space, a ``tfd.Distribution`` with
         ``sample`` and ``log_prob`` (``log_prob`` needs the flow's inverse, slow for IAF).
+        A :class:`StatelessTransformedDistribution`: ``sample(n, seed=1)`` gives the
+        same draws every call (TFP alone would treat the int as a stateful seed).
       losses: ``[num_steps]`` Monte Carlo estimates of ``-ELBO`` per step (NaN/inf
         at steps that were skipped).
       wall_time: seconds spent training (compilation included).
@@ -130,6 +168,10 @@ class FitResult:
     stop_reason: str = ""
     num_grad_evals: int = 0
 
+    def __post_init__(self):
+        # Done here rather than in fit: every FitResult's surrogate samples statelessly.
+        self.surrogate = _with_stateless_sampling(self.surrogate)
+
     @property
     def recovered(self) -> list[str]:
         """Alias of :attr:`notes` (the name used in docs/architecture.md)."""
@@ -140,15 +182,28 @@ class FitResult:
         """``khat < 0.7``: ``surrogate`` can be used as the posterior itself."""
         return bool(np.isfinite(self.khat) and self.khat < KHAT_THRESHOLD)
 
+    @property
+    def failure_reasons(self) -> list[str]:
+        """Why the fit failed, from :attr:`losses` and :attr:`khat` alone; empty if it did not.
+
+        A fit failed when the loss rose over training (the mean of the last 10 %
+        of the finite losses is above the mean of the first 10 % by more than
+        three standard errors and 0.01 nats), when no step had a finite loss,
+        when the loss was ``-inf`` (the target's log density was ``+inf``), or
+        when ``k-hat > 1`` (q misses much of the target's mass).
+        """
+        return _failure_reasons(np.asarray(self.losses, dtype=np.float64), self.khat)
+
+    @property
+    def failed(self) -> bool:
+        """``True`` when :attr:`failure_reasons` is not empty: do not use this flow as it is."""
+        return bool(self.failure_reasons)
+
     def summary(self) -> str:
-        """A short human-readable report with the verdict on ``k-hat``."""
-        n = max(1, len(self.losses) // 10)
-        tail = self.losses[-n:]
-        tail = tail[np.isfinite(tail)]
-        final = float(np.mean(tail)) if tail.size else float("nan")
+        """A short human-readable report with the verdict on ``k-hat`` (and FAILED when it failed)."""
         lines = [
             f"fit of {self.target_name}: {self.num_steps} steps in {self.wall_time:.1f} s",
-            f"  final loss (mean of last {n} steps): {final:.4f}",
+            f"  {_final_loss_line(np.asarray(self.losses, dtype=np.float64))}",
             f"  ELBO = {self.elbo:.4f} +/- {self.elbo_se:.4f} ({self.num_diagnostic_draws} "
             "draws; for a normalised target -ELBO estimates KL(q || p))",
             f"  PSIS k-hat = {self.khat:.3f}, importance-sampling ESS = {self.ess_is:.0f} "
@@ -179,9 +234,69 @@ class FitResult:
                 "  k-hat >= 0.7: q is NOT reliable as a posterior on its own; sample with "
                 "NeuTra: neutra_flows.sample(target, result)"
             )
+        reasons = self.failure_reasons
+        if reasons:
+            lines.append("  FIT FAILED: do not trust this flow as it is.")
+            lines.extend(f"    - {reason}" for reason in reasons)
+            lines.append(
+                "  try: a lower learning_rate, more num_steps, global_clipnorm=1.0, a larger batch_size "
+                "or a more flexible flow; check that the target's log density is right (Target.check)"
+            )
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
+
+
+# The loss must rise by more than this many standard errors, and this many nats,
+# before a fit is called failed: the loss is a noisy Monte Carlo estimate.
+_RISE_SE = 3.0
+_RISE_MIN = 0.01
+_KHAT_FAILED = 1.0
+
+
+def _final_loss_line(losses: np.ndarray) -> str:
+    if losses.size == 0:
+        return "no training steps (num_steps=0): the flow is as it was given"
+    n = max(1, losses.size // 10)
+    tail = losses[-n:]
+    tail = tail[np.isfinite(tail)]
+    if tail.size == 0:
+        return f"final loss: none of the last {n} steps had a finite loss"
+    return f"final loss (mean of last {n} steps): {float(np.mean(tail)):.4f}"
+
+
+def _loss_rise(losses: np.ndarray) -> str | None:
+    finite = losses[np.isfinite(losses)]
+    n = finite.size // 10
+    if n < 2:
+        return None  # too few steps to tell a rise from noise
+    first, last = finite[:n], finite[-n:]
+    rise = float(last.mean() - first.mean())
+    se = math.sqrt(float(first.var(ddof=1) + last.var(ddof=1)) / n)
+    if rise > _RISE_SE * se and rise > _RISE_MIN:
+        return (
+            f"the loss rose over training: mean {last.mean():.4g} over the last {n} finite steps "
+            f"vs {first.mean():.4g} over the first {n} (+{rise:.3g} nats)"
+        )
+    return None
+
+
+def _failure_reasons(losses: np.ndarray, khat: float) -> list[str]:
+    reasons = []
+    if losses.size and not np.any(np.isfinite(losses)):
+        reasons.append(f"none of the {losses.size} steps had a finite loss: nothing was learned")
+    minus_inf = int(np.sum(losses == -np.inf))
+    if minus_inf:
+        reasons.append(
+            f"the loss was -inf at {minus_inf} steps: the target's log density is +inf there "
+            "(a log density must be finite or -inf)"
+        )
+    rise = _loss_rise(losses)
+    if rise is not None:
+        reasons.append(rise)
+    if khat > _KHAT_FAILED:  # False for NaN (not computed): that case has its own line
+        reasons.append(f"k-hat = {khat:.3g} > 1: q misses much of the target's mass")
+    return reasons
 
 
 @dataclass

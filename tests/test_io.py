@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from neutra_flows import bijectors as nfb
 from neutra_flows import load_flow, make_flow, save_flow
-from neutra_flows.io import FORMAT_VERSION
+from neutra_flows.io import FORMAT_VERSION, _content_sha256
 
 SMALL = {"num_layers": 2, "hidden_units": [8, 8]}
 CASES = {
@@ -132,6 +132,7 @@ def test_truncated_archive_with_matching_checksum_raises(saved_iaf, tmp_path):
     (path / "weights.npz").write_bytes(data)
     header = json.loads((path / "flow.json").read_text())
     header["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    header["content_sha256"] = _content_sha256(header)
     (path / "flow.json").write_text(json.dumps(header))
     with pytest.raises(ValueError, match="not a readable weights archive"):
         load_flow(path)
@@ -146,8 +147,10 @@ def test_corrupted_header_raises(saved_iaf, tmp_path):
 
 
 def _edit_header(path, edit):
+    """Edits flow.json and stamps a matching checksum: a consistent folder with wrong content."""
     header = json.loads((path / "flow.json").read_text())
     edit(header)
+    header["content_sha256"] = _content_sha256(header)
     (path / "flow.json").write_text(json.dumps(header))
 
 

@@ -5,9 +5,10 @@ trips through the (iterative) inverse with `tf.identity` between the calls so
 the bijector cache cannot answer, log-dets against `slogdet` of the autodiff
 Jacobian in float64, `ildj == -fldj`, finite gradients (also far out in the
 tails), eager == `tf.function` == XLA, identity at initialisation; plus the
-convergence behaviour of the iterative inversions. Parameters are randomly
-perturbed away from the (identity) initialisation before every check that
-could otherwise pass trivially.
+convergence behaviour of the iterative inversions. The round-trip and
+log-det checks first train each flow for a few Adam steps
+(tests/flow_training.py), as in use; the other checks randomly perturb the
+parameters away from the (identity) initialisation.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
+from flow_training import train_away
 
 import neutra_flows as nf
 from neutra_flows.bijectors._root_finding import (
@@ -144,7 +146,7 @@ def test_identity_at_init(name):
 @pytest.mark.parametrize("name, d, batch", CASES_WITH_16)
 def test_round_trip_and_log_det_float64(name, d, batch):
     flow = make(name, d, **({"num_layers": 2} if d == 5 and name != "lu_linear" else {}))
-    perturb(flow, seed=d)
+    train_away(flow, d, tf.float64, seed=d)
     x = points([*batch, d], seed=d)
     y = flow.forward(x)
     assert y.shape == x.shape and y.dtype == tf.float64
@@ -156,7 +158,7 @@ def test_round_trip_and_log_det_float64(name, d, batch):
 
     fldj = flow.forward_log_det_jacobian(tf.identity(x), event_ndims=1)
     assert fldj.shape == tuple(batch)
-    # Perturbed parameters: the map and its log-det are far from trivial.
+    # Trained parameters: the map and its log-det are far from trivial.
     assert np.max(np.abs(y - x)) > 1e-3
     if d > 1 or name != "lu_linear":
         assert np.max(np.abs(fldj)) > 1e-3
@@ -181,7 +183,7 @@ def test_stacked_jacobian_matches_batch_jacobian():
 @pytest.mark.parametrize("name", FLOWS)
 def test_round_trip_float32_and_tails(name):
     flow = make(name, 3, dtype=tf.float32)
-    perturb(flow, seed=5)
+    train_away(flow, 3, tf.float32, seed=5)
     x = tf.clip_by_value(points([3, 4, 3], tf.float32), -5.0, 5.0)
     y = flow.forward(x)
     np.testing.assert_allclose(flow.inverse(tf.identity(y)), x, rtol=1e-4, atol=1e-4)

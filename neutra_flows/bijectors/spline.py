@@ -19,7 +19,7 @@ and the inverse solves a quadratic in :math:`\xi` (Durkan et al. 2019, App. A).
 Parameter layout per dimension, ``params[..., 3K - 1]``:
 ``[:K]`` raw bin widths, ``[K:2K]`` raw bin heights, ``[2K:]`` raw derivatives
 at the ``K - 1`` interior knots. Widths and heights are
-``min_bin_size + (2B - K min_bin_size) softmax(raw)``; derivatives are
+``min_bin_size + (2B - K min_bin_size) softmax(logit_scale * raw)``; derivatives are
 ``min_slope + softplus(raw + c)`` with ``c`` chosen so that raw zero gives
 slope 1. Zero parameters therefore give equal bins and unit slopes: the
 identity (to rounding).
@@ -62,6 +62,14 @@ class RationalQuadraticTransformer(Transformer):
       min_bin_size: lower bound on bin widths and heights; needs
         ``num_bins * min_bin_size < 2 * bound``.
       min_slope: lower bound on the knot derivatives, in (0, 1).
+      logit_scale: multiplies the raw bin widths and heights before the softmax
+        (> 0; 1 by default). Bin sizes are exponential in the raw values and
+        inside a bin the slope falls like ``s^2 / delta`` (``s`` the bin's
+        height / width, ``delta`` its knot slopes), so raw values of a few
+        units already give slopes near 1e-8: a map float32 cannot invert.
+        A conditioner whose outputs grow fast in training (the coupling MLP:
+        every output sums all of its last hidden units) needs a scale below 1
+        (Durkan et al.'s reference code divides by ``sqrt(hidden units)``).
 
     ``num_params = 3 * num_bins - 1`` (layout in the module docstring);
     ``params`` is ``[..., 3K - 1]`` for ``x`` of shape ``[...]``.
@@ -83,8 +91,12 @@ class RationalQuadraticTransformer(Transformer):
         *,
         min_bin_size: float = 1e-3,
         min_slope: float = 1e-3,
+        logit_scale: float = 1.0,
     ):
         self.num_bins = check_positive_int(num_bins, "num_bins", minimum=2)
+        if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+            raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+        self.logit_scale = float(logit_scale)
         if not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
             raise ValueError(f"bound must be a finite number > 0, got {bound!r}")
         self.bound = float(bound)
@@ -110,6 +122,8 @@ class RationalQuadraticTransformer(Transformer):
         k = self.num_bins
         span = 2 * self.bound - k * self.min_bin_size
         raw_w, raw_h, raw_d = tf.split(params, [k, k, k - 1], axis=-1)
+        if self.logit_scale != 1.0:
+            raw_w, raw_h = raw_w * self.logit_scale, raw_h * self.logit_scale
         widths = self.min_bin_size + span * tf.math.softmax(raw_w, axis=-1)
         heights = self.min_bin_size + span * tf.math.softmax(raw_h, axis=-1)
         slopes = self.min_slope + tf.math.softplus(raw_d + self._slope_offset)
@@ -168,7 +182,8 @@ class RationalQuadraticTransformer(Transformer):
         return tf.where(inside, ldj, tf.zeros_like(ldj))
 
     def __repr__(self) -> str:
-        return f"RationalQuadraticTransformer(num_bins={self.num_bins}, bound={self.bound})"
+        scale = "" if self.logit_scale == 1.0 else f", logit_scale={self.logit_scale:.4g}"
+        return f"RationalQuadraticTransformer(num_bins={self.num_bins}, bound={self.bound}{scale})"
 
 
 class NeuralSplineFlow(tfb.Bijector):
@@ -194,6 +209,9 @@ class NeuralSplineFlow(tfb.Bijector):
       autoregressive: choose the variant.
       num_masked: :math:`m` for the coupling variant (must be ``None`` for the
         autoregressive one).
+      logit_scale: scale of the raw bin widths and heights (see
+        `RationalQuadraticTransformer`); `make_flow("nsf", d)` uses
+        ``1 / sqrt(last hidden width)`` for ``d > 1``.
       validate_args: check arguments at run time.
       name: name of the bijector.
 
@@ -208,11 +226,12 @@ class NeuralSplineFlow(tfb.Bijector):
         bound: float = 5.0,
         autoregressive: bool = False,
         num_masked: int | None = None,
+        logit_scale: float = 1.0,
         validate_args: bool = False,
         name: str = "neural_spline_flow",
     ):
         parameters = dict(locals())
-        transformer = RationalQuadraticTransformer(num_bins, bound)
+        transformer = RationalQuadraticTransformer(num_bins, bound, logit_scale=logit_scale)
         with tf.name_scope(name) as name:
             if autoregressive:
                 if num_masked is not None:
