@@ -256,7 +256,7 @@ _KHAT_FAILED = 1.0
 
 def _final_loss_line(losses: np.ndarray) -> str:
     if losses.size == 0:
-        return "no training steps (num_steps=0): the flow is as it was given"
+        return "no training steps (see \"stopped\" below for why)"
     n = max(1, losses.size // 10)
     tail = losses[-n:]
     tail = tail[np.isfinite(tail)]
@@ -619,7 +619,7 @@ def fit(
         return log_q, log_p
 
     losses = np.full([num_steps], np.nan)
-    stop_reason = skipped_reason or "no training steps"
+    stop_reason = skipped_reason or "num_steps=0"
     start = time.perf_counter()
     if num_steps > 0 and not variables:
         notes.append("the flow has no trainable variables: nothing to train")
