@@ -36,8 +36,10 @@ __all__ = ["SUITE_MODELS", "run_suite", "suite_table_markdown"]
 
 #: The posteriordb models and the built-in targets with a known truth (eight
 #: schools has none and is reported without correctness).
-SUITE_MODELS: tuple[str, ...] = (*POSTERIORDB_MODELS, "banana", "funnel", "funnel-100", "ill-conditioned-gaussian",
-                                 "german-credit", "eight-schools")
+SUITE_MODELS: tuple[str, ...] = (
+    *POSTERIORDB_MODELS, "banana", "funnel", "funnel-100", "ill-conditioned-gaussian", "german-credit",
+    "eight-schools",
+)
 
 # One protocol for every model: the defaults a new user gets.
 _PROTOCOL = dict(flow="iaf", kernel="hmc", num_chains=4, num_warmup=1000, num_samples=1000,

@@ -31,7 +31,8 @@ def _row(**kw):
     row = dict(model="m", d=3, neutra_ess_per_grad=0.4, nuts_ess_per_grad=0.002, ratio=200.0,
                ratio_is_lower_bound=False, neutra_ess_per_grad_total=0.004, nuts_ess_per_grad_total=0.0015,
                ratio_ess_per_second_total=2.0, neutra_divergences=0.0, nuts_divergences=3.0,
-               neutra_max_rhat=1.002, nuts_max_rhat=1.004, neutra_max_bias_mcse=1.2, neutra_std_ratio=[0.97, 1.02],
+               neutra_max_rhat=1.002, nuts_max_rhat=1.004, neutra_max_bias_mcse=1.2,
+               neutra_std_ratio=[0.97, 1.02],
                khat=0.3, whitening="laplace", goals=[{"goal": "g", "met": True}], neutra_correct=True)
     row.update(kw)
     return row
