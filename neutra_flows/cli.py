@@ -239,6 +239,16 @@ def _run(args: argparse.Namespace, target: Any) -> int:
     return 0
 
 
+def _out_subfolders(args: argparse.Namespace) -> list[str]:
+    """The folders a run writes under ``--out``: one per flow of a sweep, one per suite model."""
+    if args.command == "suite":
+        from neutra_flows.suite import SUITE_MODELS
+
+        return list(args.models or SUITE_MODELS)
+    flows = getattr(args, "flow", None)
+    return list(dict.fromkeys(flows)) if flows and len(set(flows)) > 1 else []
+
+
 def _run_suite(args: argparse.Namespace) -> int:
     from neutra_flows.suite import run_suite, suite_table_markdown
 
@@ -272,8 +282,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print("flows: " + ", ".join(FLOW_NAMES))
             return 0
         if args.out is not None:
-            sweep = list(dict.fromkeys(args.flow)) if args.flow and len(set(args.flow)) > 1 else []
-            check_out_folder(args.out, sweep)
+            check_out_folder(args.out, _out_subfolders(args))
         if args.command == "bench":
             return _run(args, args.target)
         if args.command == "suite":

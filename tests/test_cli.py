@@ -181,3 +181,13 @@ def test_run_suite_writes_one_table_figure_and_rows(tmp_path):
     for name in ("suite.md", "suite.json", "suite_ess_per_grad.png", "kidiq-kidscore_interaction/results.json"):
         assert (tmp_path / name).exists(), name
     assert "kidiq-kidscore_interaction" in (tmp_path / "suite.md").read_text()
+
+
+def test_suite_checks_out_before_any_work(tmp_path, capsys):
+    from neutra_flows.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    assert main(["suite", "--models", "kidiq-kidscore_interaction", "--out", str(blocker)]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert blocker.read_text() == "mine"
