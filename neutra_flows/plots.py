@@ -178,12 +178,19 @@ def plot_loss(losses: Sequence[float] | np.ndarray, *, ax: Any = None, smooth: i
     """The VI loss (negative ELBO) per step, raw and smoothed by a running mean."""
     plt = _plt()
     values = np.asarray(losses, dtype=float)
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError("losses must be a non-empty 1-D sequence")
+    if values.ndim != 1:
+        raise ValueError(f"losses must be a 1-D sequence, got shape {values.shape}")
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
     else:
         fig = ax.figure
+    if values.size == 0:
+        # fit skips training when the whitening Gaussian already fits: say so, do not fail.
+        ax.text(0.5, 0.5, "no training steps\n(see the fit's stop_reason)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_xlabel("step")
+        fig.tight_layout()
+        return fig
     ax.plot(values, lw=0.5, alpha=0.4, label="loss")
     window = max(1, min(smooth, values.size // 5 or 1))
     if window > 1:

@@ -24,7 +24,9 @@ from neutra_flows.nn import MADE, MLP
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
-SMALL = {"num_layers": 2, "hidden_units": [8, 8]}
+# whitening="none": the whitening layer is an AffineLowerTriangular, checked by
+# the affine_tril entry; `fit` sets it by a Gaussian fit, not by Adam.
+SMALL = {"num_layers": 2, "hidden_units": [8, 8], "whitening": "none"}
 # One line per flow: the options that keep it small (a new flow costs one entry).
 FLOWS: dict[str, dict] = {
     "iaf": SMALL,

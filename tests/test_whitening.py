@@ -76,12 +76,13 @@ def test_fit_whiten_false_leaves_the_layer_to_adam():
 def test_stopping_rule_stops_a_converged_fit_and_says_so():
     target = targets.correlated_gaussian(2, 0.0)
     flow = make_flow("iaf", 2, hidden_units=[4], num_layers=1)
-    r = fit(target, flow, num_steps=1500, batch_size=64, seed=0, skip_training_if_gaussian=False, **QUICK)
-    assert r.num_steps < 1500 and r.stop_reason.startswith("converged"), r.stop_reason
+    quick = dict(batch_size=32, steps_per_chunk=25, seed=0, skip_training_if_gaussian=False, **QUICK)
+    r = fit(target, flow, num_steps=1000, **quick)
+    assert r.num_steps < 1000 and r.stop_reason.startswith("converged"), r.stop_reason
     assert len(r.losses) == r.num_steps
-    full = fit(target, make_flow("iaf", 2, hidden_units=[4], num_layers=1), num_steps=300, batch_size=64,
-               seed=0, early_stopping=False, skip_training_if_gaussian=False, **QUICK)
-    assert full.num_steps == 300 and full.stop_reason.startswith("budget")
+    full = fit(target, make_flow("iaf", 2, hidden_units=[4], num_layers=1), num_steps=150,
+               early_stopping=False, **quick)
+    assert full.num_steps == 150 and full.stop_reason.startswith("budget")
 
 
 @pytest.mark.parametrize("flow_name", ["affine_tril", "identity"])
