@@ -144,6 +144,21 @@ def _offsets(strategy, local: int):
     )
 
 
+def _per_replica(strategy, tree):
+    """Every leaf as a per-replica value.
+
+    ``strategy.run`` returns a leaf that all replicas share (a captured constant)
+    as a plain tensor, and the same leaf as a per-replica value once it was
+    computed; without one form the compiled steps would be retraced.
+    """
+    def wrap(x):
+        if isinstance(x, tf.distribute.DistributedValues):
+            return x
+        return strategy.experimental_distribute_values_from_function(lambda ctx: tf.identity(x))
+
+    return tf.nest.map_structure(wrap, tree)
+
+
 def _first(strategy, value):
     return tf.nest.map_structure(lambda x: strategy.experimental_local_results(x)[0], value)
 
@@ -181,6 +196,7 @@ class ShardedChains:
         self.adapting = kernel._kernel_stack(_CHAIN_AXIS)
         self.chunk = make_advance(kernel, buffer_size, jit_compile, shard=(self.local, num_chains))
         self.step = tf.function(self._step, autograph=False)
+        self.sampling = tf.function(self._sampling, autograph=False)
         self.done = 0
 
     def _split(self, x):
@@ -200,7 +216,7 @@ class ShardedChains:
         else:
             results = self.strategy.run(
                 lambda z: kernel.bootstrap_results(init_state=z), args=(self._split(z0),))
-        return self._split(z0), results
+        return self._split(z0), _per_replica(self.strategy, results)
 
     def _step(self, state, results, seed, offsets):
         """One adapting transition on every replica, its cross-chain means all-reduced."""
@@ -220,30 +236,37 @@ class ShardedChains:
         return (state, results, _first(s, seed), s.reduce("SUM", grads, axis=None),
                 s.reduce("SUM", divs, axis=None), s.gather(v, axis=0))
 
+    def _sampling(self, state, results, seed, num_steps, thin, offsets):
+        """``num_steps`` transitions in one compiled loop per replica, no communication inside."""
+        s = self.strategy
+        state, results, seed, grads, divs, buffers = s.run(
+            self.chunk, args=(state, results, seed, num_steps, thin, offsets))
+        return (state, results, _first(s, seed), s.reduce("SUM", grads, axis=None),
+                s.reduce("SUM", divs, axis=None), _gather(s, buffers, axis=1))
+
     def __call__(self, state, results, seed, num_steps, thin):
         n = int(num_steps)
-        s = self.strategy
         if n == 0:
             # Compiles both loops now, so compile time stays out of the phases' times.
             if self.num_warmup:
                 self.step.get_concrete_function(state, results, seed, self.offsets)
-            s.run(self.chunk, args=(state, results, seed, num_steps, thin, self.offsets))
+            self.sampling.get_concrete_function(state, results, seed, num_steps, thin, self.offsets)
             return state, results, seed, tf.zeros([], tf.int64), tf.zeros([], tf.int64), {}
         if self.done < self.num_warmup:
             grads = divs = 0
             vs = []
             for _ in range(n):
                 state, results, seed, g, v, latent = self.step(state, results, seed, self.offsets)
+                results = _per_replica(self.strategy, results)
                 grads += int(g)
                 divs += int(v)
                 vs.append(latent)
             self.done += n
             return state, results, seed, grads, divs, {"v": tf.stack(vs)}
-        out = s.run(self.chunk, args=(state, results, seed, num_steps, thin, self.offsets))
-        state, results, seed_out, grads, divs, buffers = out
+        state, results, seed, grads, divs, buffers = self.sampling(
+            state, results, seed, num_steps, thin, self.offsets)
         self.done += n
-        return (state, results, _first(s, seed_out), s.reduce("SUM", grads, axis=None),
-                s.reduce("SUM", divs, axis=None), _gather(s, buffers, axis=1))
+        return state, _per_replica(self.strategy, results), seed, grads, divs, buffers
 
     def local_results(self, results):
         """The first local replica's results (adapted quantities are equal on all replicas)."""
@@ -256,7 +279,8 @@ class ShardedChains:
         new = tf.convert_to_tensor(new_scale, old.dtype)
         var.assign(new)
         ratio = old / new
-        return self.strategy.run(lambda r: self.kernel._rebootstrap(r, ratio), args=(results,))
+        return _per_replica(self.strategy,
+                            self.strategy.run(lambda r: self.kernel._rebootstrap(r, ratio), args=(results,)))
 
 
 # -- fit ------------------------------------------------------------------------------------
