@@ -7,8 +7,8 @@ excluded), chain transitions per second (chains x draws / sampling time),
 leapfrog gradients per second, and the bulk ESS per second (the smallest over
 the coordinates, ArviZ's rank-normalised estimate). Writes a JSON and a PNG.
 
-    python benchmarks/chain_scaling.py [--chains 4 16 64 256 1024 4096] [--warmup 60]
-        [--samples 60] [--out docs/img/chain_scaling]
+    python benchmarks/chain_scaling.py [--chains 4 16 64 256 1024 4096 16384] [--warmup 100]
+        [--samples 400] [--out docs/img/chain_scaling]
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from neutra_flows import targets  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chains", type=int, nargs="+", default=[4, 16, 64, 256, 1024, 4096])
-    parser.add_argument("--warmup", type=int, default=60)
-    parser.add_argument("--samples", type=int, default=60)
+    parser.add_argument("--chains", type=int, nargs="+", default=[4, 16, 64, 256, 1024, 4096, 16384])
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--dims", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
