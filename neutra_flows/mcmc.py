@@ -190,18 +190,19 @@ def _check_flow(flow: Any, target: Any) -> None:
         raise ValueError(f"flow {_flow_name(flow)!r} is not finite at the origin of its base")
 
 
-def _all_reduced_log_mean_exp(x, axis, keepdims=False, experimental_named_axis=None):
-    """``log mean exp`` over ``axis`` and, with an axis name, over all replicas' chains.
+def _all_gathered_log_mean_exp(x, axis, keepdims=False, experimental_named_axis=None):
+    """TFP's ``log mean exp`` over ``axis`` and, with an axis name, over all replicas' chains.
 
-    TFP's own needs an all-reduced maximum for stability, which TensorFlow lacks
-    (``pmax``). The dual-averaging inputs are log acceptance probabilities
-    (``<= 0``), so ``exp`` cannot overflow and no shift is needed.
+    The per-chain values are all-gathered (one scalar per chain) and reduced in
+    chain order by the same op as on one device, so the adapted step size does not
+    depend on how the chains are sharded; an all-reduced sum would round
+    differently for each replica count, and MCMC amplifies such differences.
     """
-    total = tf.reduce_sum(tf.exp(x), axis=axis, keepdims=keepdims)
-    count = tf.cast(tf.size(x), x.dtype) / tf.cast(tf.size(total), x.dtype)
-    if experimental_named_axis is not None:
-        total, count = tf.distribute.get_replica_context().all_reduce("SUM", [total, count])
-    return tf.math.log(total / count)
+    axis_value = tf.get_static_value(tf.convert_to_tensor(axis))
+    reduces_chains = axis_value is not None and 0 in np.reshape(axis_value, [-1])
+    if experimental_named_axis is not None and reduces_chains:
+        x = tf.distribute.get_replica_context().all_gather(x, axis=0)
+    return tfp.math.reduce_logmeanexp(x, axis=axis, keepdims=keepdims)
 
 
 class NeuTraKernel(tfp.mcmc.TransitionKernel):
@@ -332,7 +333,7 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
             num_adaptation_steps=num_adaptation_steps,
             target_accept_prob=tf.constant(p["target_accept_prob"], dtype),
             experimental_reduce_chain_axis_names=reduce_chain_axis_names,
-            **({} if reduce_chain_axis_names is None else {"reduce_fn": _all_reduced_log_mean_exp}),
+            **({} if reduce_chain_axis_names is None else {"reduce_fn": _all_gathered_log_mean_exp}),
         )
 
 
