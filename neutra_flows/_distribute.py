@@ -8,8 +8,9 @@ chain axis (HMC's momentum, the Metropolis-Hastings uniform, NUTS's direction,
 slice and acceptance draws) is made, on every replica, for the *whole* batch of
 ``n`` chains from the step's seed, and the replica keeps its rows. Chain ``c``
 therefore sees exactly the numbers it sees in one batch of ``n`` chains without a
-strategy: a strategy with 1, 2 or 4 replicas reproduces the single-device draws
-(to the float rounding of the all-reduced adaptation statistics). The price is
+strategy: one replica reproduces the single-device draws bit for bit, and 2 or 4
+replicas reproduce them up to rounding (batch-size-dependent matrix kernels,
+all-reduced ChEES sums), which MCMC amplifies over long runs. The price is
 drawing ``n x d`` normals per replica per leapfrog trajectory, small next to
 the ``n / R`` flow and target gradients per leapfrog step. ``fit`` does the same
 for its base draws ``u``: the whole batch from the step's seed, sliced per replica.
@@ -19,9 +20,10 @@ TFP's kernels take one seed per batch and call
 intercepts those calls while a replica's graph is traced (and only then, in the
 tracing thread), which is the one place where the whole-batch draw can be made.
 
-Cross-chain statistics (dual-averaging step size, ChEES) are all-reduced across
-replicas with TFP's ``experimental_reduce_chain_axis_names``, which outside JAX
-maps to ``ReplicaContext.all_reduce``. TensorFlow cannot all-reduce inside a
+Cross-chain statistics cover all replicas: ChEES's through TFP's
+``experimental_reduce_chain_axis_names`` (outside JAX, ``ReplicaContext.all_reduce``),
+the step size's through all-gathered per-chain acceptance probabilities
+(``neutra_flows.mcmc._all_gathered_log_mean_exp``). TensorFlow cannot all-reduce inside a
 ``tf.while_loop`` on CPUs (``merge_call`` is refused in control flow), so the
 warm-up runs one dispatched transition per step; once the warm-up ends, step
 size and trajectory length are frozen, the chains no longer talk to each other,

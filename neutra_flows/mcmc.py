@@ -842,9 +842,10 @@ def sample(
         devices, ``MultiWorkerMirroredStrategy`` for several machines); NeuTra
         only. The chains are split evenly across its replicas (``num_chains``
         must be a multiple of ``strategy.num_replicas_in_sync``) and the flow's
-        variables must have been created in ``strategy.scope()``. The draws do not
-        depend on the number of replicas (each chain draws what it would draw in
-        one batch); the step-size and ChEES means over chains are all-reduced.
+        variables must have been created in ``strategy.scope()``. Each chain
+        consumes the random numbers it would in one batch, so the draws match one
+        device's (bit for bit with one replica, up to rounding with several); the
+        step-size and ChEES means cover all replicas' chains.
         The warm-up runs one dispatched transition per step (TensorFlow cannot
         all-reduce inside a compiled loop on CPUs); sampling runs in compiled
         chunks without communication. Every worker returns the whole trace.
