@@ -188,8 +188,10 @@ class ShardedChains:
     all chains (all-gathered), so the caller's loop is the same as without a strategy.
     """
 
-    def __init__(self, strategy, kernel, make_advance, *, num_chains: int, num_warmup: int,
-                 buffer_size: int, jit_compile: bool):
+    def __init__(self, strategy, kernel, make_advance, draw_stats, latent_state, *, num_chains: int,
+                 num_warmup: int, buffer_size: int, jit_compile: bool):
+        # mcmc's helpers come in as arguments: this module sits below mcmc and vi.
+        self.draw_stats, self.latent_state = draw_stats, latent_state
         self.strategy, self.kernel = strategy, kernel
         self.num_warmup = num_warmup
         self.local = num_chains // strategy.num_replicas_in_sync
@@ -222,16 +224,14 @@ class ShardedChains:
 
     def _step(self, state, results, seed, offsets):
         """One adapting transition on every replica, its cross-chain means all-reduced."""
-        from neutra_flows.mcmc import _draw_stats, _latent_state
-
         def replica(state, results, seed, offset):
             step_seed, seed = tf.unstack(tfp.random.split_seed(seed, n=2))
             with chain_shard(self.local, self.total, offset):
                 state, results = self.adapting.one_step(state, results, seed=step_seed)
-            stats = _draw_stats(results)
+            stats = self.draw_stats(results)
             grads = tf.reduce_sum(tf.cast(stats["n_steps"], tf.int64))
             divs = tf.reduce_sum(tf.cast(stats["diverging"], tf.int64))
-            return state, results, seed, grads, divs, _latent_state(results)
+            return state, results, seed, grads, divs, self.latent_state(results)
 
         state, results, seed, grads, divs, v = self.strategy.run(replica, args=(state, results, seed, offsets))
         s = self.strategy

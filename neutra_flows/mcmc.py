@@ -1154,8 +1154,9 @@ def _sharded_chains(strategy, kernel, cache_key, num_chains, num_warmup, buffer_
     chains = _cached_advance(
         cache_key + (buffer_size, ("sharded", jit_compile)),
         kernel,
-        lambda: ShardedChains(strategy, kernel, _make_advance, num_chains=num_chains, num_warmup=num_warmup,
-                              buffer_size=buffer_size, jit_compile=jit_compile),
+        lambda: ShardedChains(strategy, kernel, _make_advance, _draw_stats, _latent_state,
+                              num_chains=num_chains, num_warmup=num_warmup, buffer_size=buffer_size,
+                              jit_compile=jit_compile),
     )
     return chains
 
