@@ -250,9 +250,16 @@ class ShardedChains:
         n = int(num_steps)
         if n == 0:
             # Compiles both loops now, so compile time stays out of the phases' times.
-            if self.num_warmup:
-                self.step.get_concrete_function(state, results, seed, self.offsets)
-            self.sampling.get_concrete_function(state, results, seed, num_steps, thin, self.offsets)
+            # TensorFlow also prepares a function anew for each placement of its
+            # inputs (seconds per function): the first calls, on the starts and
+            # then on a call's own outputs, are made here and their results dropped.
+            warm = (state, results, seed)
+            for _ in range(3 if self.num_warmup else 0):
+                out = self.step(*warm, self.offsets)
+                warm = (out[0], _per_replica(self.strategy, out[1]), out[2])
+            for _ in range(2):
+                out = self.sampling(*warm, num_steps, thin, self.offsets)
+                warm = (out[0], _per_replica(self.strategy, out[1]), out[2])
             return state, results, seed, tf.zeros([], tf.int64), tf.zeros([], tf.int64), {}
         if self.done < self.num_warmup:
             grads = divs = 0
