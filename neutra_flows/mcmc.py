@@ -190,6 +190,21 @@ def _check_flow(flow: Any, target: Any) -> None:
         raise ValueError(f"flow {_flow_name(flow)!r} is not finite at the origin of its base")
 
 
+def _all_gathered_log_mean_exp(x, axis, keepdims=False, experimental_named_axis=None):
+    """TFP's ``log mean exp`` over ``axis`` and, with an axis name, over all replicas' chains.
+
+    The per-chain values are all-gathered (one scalar per chain) and reduced in
+    chain order by the same op as on one device, so the adapted step size does not
+    depend on how the chains are sharded; an all-reduced sum would round
+    differently for each replica count, and MCMC amplifies such differences.
+    """
+    axis_value = tf.get_static_value(tf.convert_to_tensor(axis))
+    reduces_chains = axis_value is not None and 0 in np.reshape(axis_value, [-1])
+    if experimental_named_axis is not None and reduces_chains:
+        x = tf.distribute.get_replica_context().all_gather(x, axis=0)
+    return tfp.math.reduce_logmeanexp(x, axis=axis, keepdims=keepdims)
+
+
 class NeuTraKernel(tfp.mcmc.TransitionKernel):
     """HMC or NUTS in a trained flow's latent space, as a TFP transition kernel.
 
@@ -282,33 +297,45 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
             max_leapfrog_steps=max_leapfrog_steps,
             name=name or "neutra_kernel",
         )
-        eps = tf.constant(step_size, dtype)
-        log_prob = target.unnormalized_log_prob
-        if kind == "nuts":
-            inner = tfp.mcmc.NoUTurnSampler(log_prob, step_size=eps, max_tree_depth=max_tree_depth)
-        elif num_leapfrog_steps is not None:
-            inner = tfp.mcmc.HamiltonianMonteCarlo(log_prob, eps, num_leapfrog_steps)
-        else:
-            inner = tfp.mcmc.HamiltonianMonteCarlo(
-                log_prob, eps, max(1, math.ceil(init_trajectory_length / step_size))
-            )
-            inner = tfp.experimental.mcmc.GradientBasedTrajectoryLengthAdaptation(
-                inner,
-                num_adaptation_steps=num_adaptation_steps,
-                max_leapfrog_steps=max_leapfrog_steps,
-            )
         # A diagonal scale in front of the flow (z = f(s * v)): the latent-space
         # mass matrix that `sample` adapts during warm-up to absorb scale the flow
         # missed. At s = 1 it changes no bit of the draws.
         self._latent_scale = tf.Variable(tf.ones([d], dtype), trainable=False, name="latent_scale")
         self._bijector = tfb.Chain([flow, tfb.Scale(self._latent_scale)])
+        self._kernel = self._kernel_stack(None)
+        self._uses_chees = kind == "hmc" and num_leapfrog_steps is None
+
+    def _kernel_stack(self, reduce_chain_axis_names):
+        """The TFP stack; with axis names its cross-chain means are all-reduced across replicas."""
+        p = self._parameters
+        kind, step_size, num_leapfrog_steps = p["kernel"], p["step_size"], p["num_leapfrog_steps"]
+        num_adaptation_steps = p["num_adaptation_steps"]
+        dtype = p["target"].dtype
+        eps = tf.constant(step_size, dtype)
+        log_prob = p["target"].unnormalized_log_prob
+        if kind == "nuts":
+            inner = tfp.mcmc.NoUTurnSampler(log_prob, step_size=eps, max_tree_depth=p["max_tree_depth"])
+        elif num_leapfrog_steps is not None:
+            inner = tfp.mcmc.HamiltonianMonteCarlo(log_prob, eps, num_leapfrog_steps)
+        else:
+            inner = tfp.mcmc.HamiltonianMonteCarlo(
+                log_prob, eps, max(1, math.ceil(p["init_trajectory_length"] / step_size))
+            )
+            inner = tfp.experimental.mcmc.GradientBasedTrajectoryLengthAdaptation(
+                inner,
+                num_adaptation_steps=num_adaptation_steps,
+                max_leapfrog_steps=p["max_leapfrog_steps"],
+                experimental_reduce_chain_axis_names=reduce_chain_axis_names,
+            )
         transformed = tfp.mcmc.TransformedTransitionKernel(inner, bijector=self._bijector)
-        self._kernel = tfp.mcmc.DualAveragingStepSizeAdaptation(
+        return tfp.mcmc.DualAveragingStepSizeAdaptation(
             transformed,
             num_adaptation_steps=num_adaptation_steps,
-            target_accept_prob=tf.constant(target_accept_prob, dtype),
+            target_accept_prob=tf.constant(p["target_accept_prob"], dtype),
+            experimental_reduce_chain_axis_names=reduce_chain_axis_names,
+            **({} if reduce_chain_axis_names is None else {"reduce_fn": _all_gathered_log_mean_exp}),
         )
-        self._uses_chees = kind == "hmc" and num_leapfrog_steps is None
+
 
     @property
     def parameters(self) -> dict:
@@ -355,9 +382,12 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
         """
         old = tf.convert_to_tensor(self._latent_scale)
         new = tf.convert_to_tensor(new_scale, old.dtype)
-        ratio = old / new
-        transformed = results.inner_results
         self._latent_scale.assign(new)
+        return self._rebootstrap(results, old / new)
+
+    def _rebootstrap(self, results: Any, ratio: Any) -> Any:
+        """Results for the same ``z`` after the latent scale was divided by ``ratio``."""
+        transformed = results.inner_results
         fresh = self._kernel.inner_kernel.bootstrap_results(
             transformed_init_state=transformed.transformed_state * ratio)
         if self._uses_chees:
@@ -582,19 +612,30 @@ def _latent_state(results):
     return unnest.get_innermost(results, "transformed_state", default=None)
 
 
-def _make_advance(kernel, buffer_size: int, jit_compile: bool):
-    """One compiled function `advance(state, results, seed, n)` running `n` transitions.
+def _make_advance(kernel, buffer_size: int, jit_compile: bool, shard: tuple[int, int] | None = None):
+    """One compiled function `advance(state, results, seed, n, thin)` running `n` transitions.
 
-    `n` is a tensor, so warm-up and sampling chunks of any length share one
-    compilation. The seed is carried exactly as `tfp.mcmc.sample_chain` carries
-    it (split once per step, the first half to the kernel), so chunked runs
-    reproduce one long run and `sample_chain` itself. Step `i` writes its state
-    and statistics to row `i mod buffer_size` of fixed-size buffers (static
-    shapes for XLA); the caller reads them only when `n <= buffer_size`.
+    `n` and `thin` are tensors, so warm-up and sampling chunks of any length
+    share one compilation. The seed is carried exactly as `tfp.mcmc.sample_chain`
+    carries it (split once per step, the first half to the kernel), so chunked
+    runs reproduce one long run and `sample_chain` itself. Step `i` writes its
+    state and statistics to row `(i // thin) mod buffer_size` of fixed-size
+    buffers (static shapes for XLA), so with `n` a multiple of `thin` row `j`
+    holds step `j * thin + thin - 1`; the caller reads them only when
+    `n <= buffer_size * thin`. With `shard = (local, total)` the function takes
+    a last argument `offset` and runs chains `offset ... offset + local - 1` of
+    `total`, each drawing what it would draw in one batch of `total` chains.
     """
 
-    @tf.function(jit_compile=jit_compile, autograph=False)
-    def advance(state, results, seed, num_steps):
+    def advance(state, results, seed, num_steps, thin, offset=None):
+        if shard is None:
+            return _advance_body(state, results, seed, num_steps, thin)
+        from neutra_flows._distribute import chain_shard
+
+        with chain_shard(shard[0], shard[1], offset):
+            return _advance_body(state, results, seed, num_steps, thin)
+
+    def _advance_body(state, results, seed, num_steps, thin):
         stats0 = _draw_stats(results)
         buffers = dict(
             z=tf.zeros([buffer_size] + state.shape.as_list(), state.dtype),
@@ -610,7 +651,7 @@ def _make_advance(kernel, buffer_size: int, jit_compile: bool):
             stats = _draw_stats(results)
             grads += tf.reduce_sum(tf.cast(stats["n_steps"], tf.int64))
             divs += tf.reduce_sum(tf.cast(stats["diverging"], tf.int64))
-            index = [[tf.math.floormod(i, buffer_size)]]
+            index = [[tf.math.floormod(i // thin, buffer_size)]]
             values = dict(z=state, v=_latent_state(results), **stats)
             buffers = {
                 k: tf.tensor_scatter_nd_update(buffers[k], index, values[k][tf.newaxis]) for k in buffers
@@ -624,7 +665,7 @@ def _make_advance(kernel, buffer_size: int, jit_compile: bool):
         )
         return state, results, seed, grads, divs, buffers
 
-    return advance
+    return tf.function(advance, jit_compile=jit_compile, autograph=False)
 
 
 # Compiling the loop costs seconds (NUTS inside a flow: ~5-20 s on a laptop CPU),
@@ -642,24 +683,54 @@ def _cache_entry(key: tuple) -> dict[str, Any] | None:
     return entry
 
 
-def _cached_kernel(key: tuple, build) -> tfp.mcmc.TransitionKernel:
+def _cached_kernel(key: tuple, build, strategy=None) -> tfp.mcmc.TransitionKernel:
     entry = _cache_entry(key)
     if entry is None:
-        entry = dict(kernel=build(), advance={})
+        from neutra_flows._distribute import scope
+
+        # Under a strategy the kernel's latent-scale variable is mirrored to the replicas.
+        with scope(strategy):
+            entry = dict(kernel=build(), advance={})
         _CACHE[key] = entry
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return entry["kernel"]
 
 
-def _cached_advance(key: tuple, kernel) -> Any:
+def _cached_advance(key: tuple, kernel, build=None) -> Any:
     *kernel_key, buffer_size, jit_compile = key
+    build = build or (lambda: _make_advance(kernel, buffer_size, jit_compile))
     entry = _cache_entry(tuple(kernel_key))
     if entry is None or entry["kernel"] is not kernel:
-        return _make_advance(kernel, buffer_size, jit_compile)
+        return build()
     if (buffer_size, jit_compile) not in entry["advance"]:
-        entry["advance"][(buffer_size, jit_compile)] = _make_advance(kernel, buffer_size, jit_compile)
+        entry["advance"][(buffer_size, jit_compile)] = build()
     return entry["advance"][(buffer_size, jit_compile)]
+
+
+# Per kept draw: z and the named draws (d each) and up to 7 statistics.
+_TRACE_STATS = 7
+
+
+def _check_trace_size(num_chains: int, num_samples: int, thin: int, d: int, dtype, max_trace_bytes) -> None:
+    """Raises ValueError when the kept trace would exceed ``max_trace_bytes``."""
+    if num_samples % thin:
+        raise ValueError(
+            f"num_samples ({num_samples}) must be a multiple of thin ({thin}): thin={thin} keeps "
+            f"every {thin}-th of the num_samples transitions"
+        )
+    if max_trace_bytes is None:
+        return
+    kept = num_samples // thin
+    size = num_chains * kept * (2 * d + _TRACE_STATS) * tf.as_dtype(dtype).size
+    if size > max_trace_bytes:
+        suggestion = max(2, math.ceil(size / max_trace_bytes)) * thin
+        raise ValueError(
+            f"the trace would take about {size / 2**30:.2f} GiB ({num_chains} chains x {kept} kept draws x "
+            f"(2 x {d} values + {_TRACE_STATS} statistics) x {tf.as_dtype(dtype).size} bytes), above "
+            f"max_trace_bytes = {max_trace_bytes / 2**30:.2f} GiB. Keep fewer draws (thin={suggestion}, "
+            "fewer num_samples or chains) or raise max_trace_bytes (None disables the check)"
+        )
 
 
 def _chunks(total: int, size: int) -> list[int]:
@@ -743,6 +814,9 @@ def sample(
     progress: bool = True,
     jit_compile: bool = True,
     adapt_latent_scale: bool = True,
+    thin: int = 1,
+    max_trace_bytes: int | None = 4 * 2**30,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> az.InferenceData:
     """Samples ``target`` with NeuTra (given a ``flow``) or with the plain baseline.
 
@@ -780,6 +854,25 @@ def sample(
         Stan's regularisation; step size and trajectory length go on adapting
         for the second half. It absorbs scale the flow missed (a reverse-KL fit
         is often too narrow).
+      thin: keep every ``thin``-th of the ``num_samples`` post-warm-up transitions
+        (``num_samples`` must be a multiple of it); the trace then has
+        ``num_samples // thin`` draws per chain, and only those are ever buffered.
+      max_trace_bytes: refuse (``ValueError`` with the estimate) a run whose kept
+        trace, ``num_chains x num_samples / thin x (2 d + 7) x itemsize`` bytes
+        (``z``, the named draws and the statistics), would exceed this; default
+        4 GiB, ``None`` disables the check.
+      strategy: a ``tf.distribute.Strategy`` (``MirroredStrategy`` for several
+        devices, ``MultiWorkerMirroredStrategy`` for several machines); NeuTra
+        only. The chains are split evenly across its replicas (``num_chains``
+        must be a multiple of ``strategy.num_replicas_in_sync``) and the flow's
+        variables must have been created in ``strategy.scope()``. Each chain
+        consumes the random numbers it would in one batch, so the draws match one
+        device's (bit for bit with one replica, up to rounding with several); the
+        step-size and ChEES means cover all replicas' chains.
+        The warm-up runs one dispatched transition per step (TensorFlow cannot
+        all-reduce inside a compiled loop on CPUs); sampling runs in compiled
+        chunks without communication. Every worker returns the whole trace.
+        See docs/distributed.md.
 
     Returns:
       ``arviz.InferenceData`` with ``posterior``, ``sample_stats`` and attrs as
@@ -804,12 +897,16 @@ def sample(
     max_tree_depth = check_positive_int(max_tree_depth, "max_tree_depth")
     if num_leapfrog_steps is not None:
         num_leapfrog_steps = check_positive_int(num_leapfrog_steps, "num_leapfrog_steps")
+    thin = check_positive_int(thin, "thin")
     if seed is None:
         raise ValueError("sample needs a seed (an int or a pair of ints)")
     seed_tensor = as_seed(seed)
     bijector, training_time = _as_flow(flow)
     d = int(target.event_size)
     dtype = target.dtype
+    _check_trace_size(num_chains, num_samples, thin, d, dtype, max_trace_bytes)
+    if strategy is not None:
+        _check_sharding(strategy, bijector, num_chains)
     if target_accept_prob is None:
         target_accept_prob = _DEFAULT_TARGET_ACCEPT_PROB
     init_seed, run_seed = split_seed(seed_tensor)
@@ -825,6 +922,7 @@ def sample(
         float(target_accept_prob),
         num_leapfrog_steps,
         max_tree_depth,
+        None if strategy is None else id(strategy),
     )
 
     if init_state is not None:
@@ -854,6 +952,7 @@ def sample(
                 target_accept_prob=target_accept_prob,
                 max_tree_depth=max_tree_depth,
             ),
+            strategy,
         )
         # A cached kernel may hold the scale its last run adapted.
         mcmc_kernel.latent_scale.assign(tf.ones([d], dtype))
@@ -864,7 +963,7 @@ def sample(
             _check_start(target, z0.numpy(), "starting draws")
             results = mcmc_kernel.bootstrap_results(transformed_init_state=u0)
         else:
-            z0 = tf.constant(z_given)
+            z0, u0 = tf.constant(z_given), None
             results = mcmc_kernel.bootstrap_results(init_state=z0)
         adaptation = "dual-averaging step size" + (
             " + ChEES trajectory length" if mcmc_kernel.uses_chees else ""
@@ -921,15 +1020,23 @@ def sample(
     warm_size = max(1, math.ceil(num_warmup / n_chunks))
     # With latent adaptation, a chunk boundary falls at the half of the warm-up.
     warm_chunks = _chunks(latent_half, warm_size) + _chunks(num_warmup - latent_half, warm_size)
-    sample_size = max(1, math.ceil(num_samples / n_chunks))
+    # Sampling chunks hold whole groups of `thin` transitions (one kept draw each).
+    sample_size = thin * max(1, math.ceil(num_samples / thin / n_chunks))
     sample_chunks = _chunks(num_samples, sample_size)
-    buffer_size = max(sample_size, warm_size if latent_half else 1)
+    buffer_size = max(sample_size // thin, warm_size if latent_half else 1)
     advance = _cached_advance(cache_key + (buffer_size, bool(jit_compile)), mcmc_kernel)
     loop_seed = tfp.random.sanitize_seed(run_seed, salt=_SAMPLE_CHAIN_SALT)
+    one, thin_t = tf.constant(1, tf.int32), tf.constant(thin, tf.int32)
+    rescale = mcmc_kernel.rescale_latent if bijector is not None else None
+    if strategy is not None:
+        advance = _sharded_chains(strategy, mcmc_kernel, cache_key, num_chains, num_warmup, buffer_size,
+                                  bool(jit_compile))
+        z0, results = advance.start(z0, u0)
+        rescale = advance.rescale_latent
 
     start = time.perf_counter()
     # Compiles (and runs zero steps) so compile time stays out of the phases' times.
-    advance(z0, results, loop_seed, tf.constant(0, tf.int32))
+    advance(z0, results, loop_seed, tf.constant(0, tf.int32), one)
     compile_time = time.perf_counter() - start
 
     bar = None
@@ -942,14 +1049,15 @@ def sample(
     window: list[np.ndarray] = []
     start = time.perf_counter()
     for n in warm_chunks:
-        state, results, loop_seed, g, v, buffers = advance(state, results, loop_seed, tf.constant(n, tf.int32))
+        state, results, loop_seed, g, v, buffers = advance(
+            state, results, loop_seed, tf.constant(n, tf.int32), one)
         grads_warmup += int(g)
         divs_warmup += int(v)
         if latent_half and done >= latent_half // 2 and done + n <= latent_half:
             window.append(buffers["v"].numpy()[:n])
         done += n
         if latent_half and done == latent_half:
-            results = mcmc_kernel.rescale_latent(results, _latent_scale_from(window, mcmc_kernel.latent_scale))
+            results = rescale(results, _latent_scale_from(window, mcmc_kernel.latent_scale))
         if bar is not None:
             bar.update(n)
     warmup_time = time.perf_counter() - start
@@ -960,16 +1068,19 @@ def sample(
     grads_sampling = divs_sampling = 0
     start = time.perf_counter()
     for n in sample_chunks:
-        state, results, loop_seed, g, v, buffers = advance(state, results, loop_seed, tf.constant(n, tf.int32))
+        state, results, loop_seed, g, v, buffers = advance(
+            state, results, loop_seed, tf.constant(n, tf.int32), thin_t)
         grads_sampling += int(g)
         divs_sampling += int(v)
-        pieces.append({k: b.numpy()[:n] for k, b in buffers.items()})
+        pieces.append({k: b.numpy()[: n // thin] for k, b in buffers.items()})
         if bar is not None:
             bar.update(n)
     sampling_time = time.perf_counter() - start
     if bar is not None:
         bar.close()
 
+    if strategy is not None:
+        results = advance.local_results(results)
     # [draw, chain, ...] -> [chain, draw, ...] as ArviZ wants.
     trace = {k: np.swapaxes(np.concatenate([p[k] for p in pieces]), 0, 1) for k in pieces[0]}
     z = trace.pop("z")
@@ -1011,6 +1122,8 @@ def sample(
         mean_leapfrog_steps=float(stats["n_steps"].mean()),
         adaptation=adaptation,
         jit_compile=int(bool(jit_compile)),
+        thin=thin,
+        num_replicas=1 if strategy is None else int(strategy.num_replicas_in_sync),
     )
     if kind == "nuts":
         attrs["max_tree_depth"] = max_tree_depth
@@ -1046,6 +1159,30 @@ def sample(
         group.attrs.update(attrs)
     _warn_if_not_converged(idata, sampler, attrs["target"], bijector is not None)
     return idata
+
+
+def _check_sharding(strategy, bijector, num_chains: int) -> None:
+    from neutra_flows._distribute import check_strategy
+
+    if bijector is None:
+        raise ValueError(
+            "strategy is supported for NeuTra sampling (a flow) only; the baseline's windowed "
+            "mass-matrix adaptation is not sharded. Pass a flow, or strategy=None for the baseline"
+        )
+    check_strategy(strategy, num_chains, "num_chains", list(bijector.variables))
+
+
+def _sharded_chains(strategy, kernel, cache_key, num_chains, num_warmup, buffer_size, jit_compile):
+    from neutra_flows._distribute import ShardedChains
+
+    chains = _cached_advance(
+        cache_key + (buffer_size, ("sharded", jit_compile)),
+        kernel,
+        lambda: ShardedChains(strategy, kernel, _make_advance, _draw_stats, _latent_state,
+                              num_chains=num_chains, num_warmup=num_warmup, buffer_size=buffer_size,
+                              jit_compile=jit_compile),
+    )
+    return chains
 
 
 def _latent_scale_from(window: list[np.ndarray], scale: tf.Variable) -> np.ndarray:
