@@ -37,11 +37,14 @@ def test_gaussian_fit_recovers_a_badly_scaled_gaussian():
 
 def test_gaussian_fit_without_a_map_keeps_the_identity_and_says_why():
     # The funnel's density is unbounded as x0 -> -inf: no MAP. Never a crash.
-    # (In float32 L-BFGS may stop at a spurious "MAP" in the neck; the ELBO of
-    # every candidate on fresh draws still prefers no whitening at all.)
+    # (In float32 L-BFGS may stop at a spurious "MAP" deep in the neck, with a
+    # Hessian condition number of 1e18 and more: that is no MAP either.)
     g = fit_gaussian(targets.neals_funnel(ndims=4, dtype=tf.float64), seed=1)
-    assert g.method == "identity", g.notes
-    assert any(n.startswith("whitening candidates' ELBO: identity") for n in g.notes)
+    # No true MAP: either L-BFGS stops in the neck with a degenerate Hessian (no
+    # whitening at all) or the candidates' ELBOs on fresh draws prefer the identity.
+    assert g.method.startswith("identity"), g.notes
+    assert any("no whitening" in n or n.startswith("whitening candidates' ELBO: identity") for n in g.notes)
+    np.testing.assert_array_equal(g.scale_tril, np.eye(4))
     assert np.all(np.isfinite(g.loc)) and np.all(np.isfinite(g.scale_tril))
 
 
@@ -103,8 +106,8 @@ def test_a_failing_map_search_is_a_note_not_a_crash(monkeypatch):
     g = fit_gaussian(target, seed=0)
     assert not g.map_found
     assert any("MAP search failed" in n for n in g.notes)
-    # DADVI from N(0, I) still whitens this Gaussian (L-BFGS copes with the scales).
-    assert g.method in ("identity", "dadvi from N(0, I)")
+    # Without a MAP the whitening is the identity, with a note saying why.
+    assert g.method == "identity (no MAP)"
     assert np.all(np.isfinite(g.loc))
 
 
