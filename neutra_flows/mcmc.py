@@ -1001,18 +1001,7 @@ def sample(
         sampler = kind.upper()
         flow_name = "none"
 
-    # What the sampler itself sees: for NeuTra the pulled-back density, which also
-    # fails when the flow's log-det does.
-    sampler_lp = unnest.get_innermost(results, "target_log_prob").numpy()
-    if not np.all(np.isfinite(sampler_lp)):
-        bad = int(np.argmax(~np.isfinite(sampler_lp)))
-        raise ValueError(
-            f"the sampler's log density is {sampler_lp[bad]} at the start of chain {bad} "
-            "(for NeuTra: log p(f(u)) + log|det f'(u)|; check the flow's log-det)"
-        )
-    grads0 = tf.nest.flatten(unnest.get_innermost(results, "grads_target_log_prob"))
-    if not all(np.all(np.isfinite(g.numpy())) for g in grads0):
-        raise ValueError("the gradient of the log density is not finite at the starting draws")
+    _check_sampler_start(results)
 
     # Always 20 chunks (a few ms of dispatch each), so the bar never changes the
     # compiled function: progress on or off, same compiled loop, same draws.
@@ -1026,7 +1015,7 @@ def sample(
     buffer_size = max(sample_size // thin, warm_size if latent_half else 1)
     advance = _cached_advance(cache_key + (buffer_size, bool(jit_compile)), mcmc_kernel)
     loop_seed = tfp.random.sanitize_seed(run_seed, salt=_SAMPLE_CHAIN_SALT)
-    one, thin_t = tf.constant(1, tf.int32), tf.constant(thin, tf.int32)
+    one = tf.constant(1, tf.int32)
     rescale = mcmc_kernel.rescale_latent if bijector is not None else None
     if strategy is not None:
         advance = _sharded_chains(strategy, mcmc_kernel, cache_key, num_chains, num_warmup, buffer_size,
@@ -1039,58 +1028,24 @@ def sample(
     advance(z0, results, loop_seed, tf.constant(0, tf.int32), one)
     compile_time = time.perf_counter() - start
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_warmup + num_samples, desc=f"{sampler} warm-up", unit="step")
-    state = z0
-    grads_warmup = divs_warmup = done = 0
-    window: list[np.ndarray] = []
+    bar = _progress(progress, num_warmup + num_samples, f"{sampler} warm-up")
     start = time.perf_counter()
-    for n in warm_chunks:
-        state, results, loop_seed, g, v, buffers = advance(
-            state, results, loop_seed, tf.constant(n, tf.int32), one)
-        grads_warmup += int(g)
-        divs_warmup += int(v)
-        if latent_half and done >= latent_half // 2 and done + n <= latent_half:
-            window.append(buffers["v"].numpy()[:n])
-        done += n
-        if latent_half and done == latent_half:
-            results = rescale(results, _latent_scale_from(window, mcmc_kernel.latent_scale))
-        if bar is not None:
-            bar.update(n)
+    state, results, loop_seed, grads_warmup, divs_warmup = _warm_up(
+        advance, z0, results, loop_seed, warm_chunks, latent_half, rescale, mcmc_kernel, bar)
     warmup_time = time.perf_counter() - start
 
     if bar is not None:
         bar.set_description(f"{sampler} sampling")
-    pieces: list[dict[str, np.ndarray]] = []
-    grads_sampling = divs_sampling = 0
     start = time.perf_counter()
-    for n in sample_chunks:
-        state, results, loop_seed, g, v, buffers = advance(
-            state, results, loop_seed, tf.constant(n, tf.int32), thin_t)
-        grads_sampling += int(g)
-        divs_sampling += int(v)
-        pieces.append({k: b.numpy()[: n // thin] for k, b in buffers.items()})
-        if bar is not None:
-            bar.update(n)
+    state, results, pieces, grads_sampling, divs_sampling = _draw(
+        advance, state, results, loop_seed, sample_chunks, thin, bar)
     sampling_time = time.perf_counter() - start
     if bar is not None:
         bar.close()
 
     if strategy is not None:
         results = advance.local_results(results)
-    # [draw, chain, ...] -> [chain, draw, ...] as ArviZ wants.
-    trace = {k: np.swapaxes(np.concatenate([p[k] for p in pieces]), 0, 1) for k in pieces[0]}
-    z = trace.pop("z")
-    trace.pop("v", None)
-    lp = target.unnormalized_log_prob(z.reshape(-1, d)).numpy().reshape(z.shape[:2])
-    _check_draws_lp(lp, z, str(getattr(target, "name", "target")))
-    stats = dict(trace, lp=lp)
-    stats["n_steps"] = stats["n_steps"].astype(np.int64)
-    if "tree_depth" in stats:
-        stats["tree_depth"] = stats["tree_depth"].astype(np.int64)
+    z, stats = _trace(pieces, target)
 
     final_step = float(np.asarray(stats["step_size"])[:, -1].mean())
     if bijector is not None and mcmc_kernel.uses_chees:
@@ -1139,20 +1094,7 @@ def sample(
     if truth is not None:
         attrs["ground_truth"] = truth
 
-    if divs_sampling:
-        warnings.warn(
-            f"{sampler} on {attrs['target']}: {divs_sampling} of {num_chains * num_samples} "
-            f"post-warm-up transitions diverged ({divs_sampling / (num_chains * num_samples):.1%});"
-            + (" the draws are likely biased. "
-               if divs_sampling > _DIVERGENCE_WARN * num_chains * num_samples else
-               " the draws may be biased. ")
-            + ("Train the flow longer, use NUTS, or raise target_accept_prob."
-               if bijector is not None else
-               "Raise target_accept_prob, reparameterise the model, or precondition it "
-               "with a flow (NeuTra)."),
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    _warn_if_divergent(divs_sampling, num_chains * num_samples, sampler, attrs["target"], bijector is not None)
     posterior = target.named_draws(z)
     idata = az.from_dict(posterior=posterior, sample_stats=stats)
     for group in (idata.posterior, idata.sample_stats):
@@ -1183,6 +1125,98 @@ def _sharded_chains(strategy, kernel, cache_key, num_chains, num_warmup, buffer_
                               jit_compile=jit_compile),
     )
     return chains
+
+
+def _check_sampler_start(results) -> None:
+    """What the sampler itself sees must be finite at the start: for NeuTra the
+    pulled-back density, which also fails when the flow's log-det does."""
+    sampler_lp = unnest.get_innermost(results, "target_log_prob").numpy()
+    if not np.all(np.isfinite(sampler_lp)):
+        bad = int(np.argmax(~np.isfinite(sampler_lp)))
+        raise ValueError(
+            f"the sampler's log density is {sampler_lp[bad]} at the start of chain {bad} "
+            "(for NeuTra: log p(f(u)) + log|det f'(u)|; check the flow's log-det)"
+        )
+    grads0 = tf.nest.flatten(unnest.get_innermost(results, "grads_target_log_prob"))
+    if not all(np.all(np.isfinite(g.numpy())) for g in grads0):
+        raise ValueError("the gradient of the log density is not finite at the starting draws")
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step")
+
+
+def _warm_up(advance, state, results, loop_seed, chunks, latent_half, rescale, kernel, bar):
+    """The warm-up chunks; at ``latent_half`` steps the latent scale is set from the
+    second quarter's draws. Returns ``(state, results, seed, gradients, divergences)``."""
+    one = tf.constant(1, tf.int32)
+    grads = divs = done = 0
+    window: list[np.ndarray] = []
+    for n in chunks:
+        state, results, loop_seed, g, v, buffers = advance(
+            state, results, loop_seed, tf.constant(n, tf.int32), one)
+        grads += int(g)
+        divs += int(v)
+        if latent_half and done >= latent_half // 2 and done + n <= latent_half:
+            window.append(buffers["v"].numpy()[:n])
+        done += n
+        if latent_half and done == latent_half:
+            results = rescale(results, _latent_scale_from(window, kernel.latent_scale))
+        if bar is not None:
+            bar.update(n)
+    return state, results, loop_seed, grads, divs
+
+
+def _draw(advance, state, results, loop_seed, chunks, thin: int, bar):
+    """The sampling chunks, keeping every ``thin``-th draw. Returns
+    ``(state, results, pieces, gradients, divergences)``."""
+    thin_t = tf.constant(thin, tf.int32)
+    pieces: list[dict[str, np.ndarray]] = []
+    grads = divs = 0
+    for n in chunks:
+        state, results, loop_seed, g, v, buffers = advance(
+            state, results, loop_seed, tf.constant(n, tf.int32), thin_t)
+        grads += int(g)
+        divs += int(v)
+        pieces.append({k: b.numpy()[: n // thin] for k, b in buffers.items()})
+        if bar is not None:
+            bar.update(n)
+    return state, results, pieces, grads, divs
+
+
+def _trace(pieces: list[dict[str, np.ndarray]], target: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Chunks of ``[draw, chain, ...]`` buffers to ``z`` and ``sample_stats`` as ``[chain, draw, ...]``."""
+    trace = {k: np.swapaxes(np.concatenate([p[k] for p in pieces]), 0, 1) for k in pieces[0]}
+    z = trace.pop("z")
+    trace.pop("v", None)
+    d = z.shape[-1]
+    lp = target.unnormalized_log_prob(z.reshape(-1, d)).numpy().reshape(z.shape[:2])
+    _check_draws_lp(lp, z, str(getattr(target, "name", "target")))
+    stats = dict(trace, lp=lp)
+    stats["n_steps"] = stats["n_steps"].astype(np.int64)
+    if "tree_depth" in stats:
+        stats["tree_depth"] = stats["tree_depth"].astype(np.int64)
+    return z, stats
+
+
+def _warn_if_divergent(divergences: int, transitions: int, sampler: str, target_name: str,
+                       neutra: bool) -> None:
+    if not divergences:
+        return
+    warnings.warn(
+        f"{sampler} on {target_name}: {divergences} of {transitions} post-warm-up transitions diverged "
+        f"({divergences / transitions:.1%});"
+        + (" the draws are likely biased. " if divergences > _DIVERGENCE_WARN * transitions else
+           " the draws may be biased. ")
+        + ("Train the flow longer, use NUTS, or raise target_accept_prob." if neutra else
+           "Raise target_accept_prob, reparameterise the model, or precondition it with a flow (NeuTra)."),
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _latent_scale_from(window: list[np.ndarray], scale: tf.Variable) -> np.ndarray:
