@@ -309,13 +309,10 @@ def _fresh_elbo(target, loc, tril, seed, counter: _Counter) -> tuple[float, floa
 
 
 def _khat(log_w: np.ndarray) -> float:
-    import warnings
+    # The one PSIS implementation (vi imports this module, so import it here).
+    from neutra_flows.vi import psis_diagnostics
 
-    import arviz as az
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(az.psislw(log_w, reff=1.0)[1])
+    return psis_diagnostics(log_w)[0]
 
 
 def fit_gaussian(
