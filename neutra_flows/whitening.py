@@ -197,7 +197,7 @@ def _adam_rescue(fn, start, steps: int):
 
 
 def _find_map(target, seed, num_starts: int, counter: _Counter, notes: list[str]):
-    """Batched L-BFGS for the MAP. Returns ``(z_map [d] or None, lp)``."""
+    """L-BFGS for the MAP from each start; the best converged one wins. Returns ``(z_map [d] or None, lp)``."""
     d, dtype = target.event_size, target.dtype
     fn = _neg_log_prob_and_grad(target)
     starts = tf.concat(
@@ -271,7 +271,7 @@ def _unpack(theta, d: int, full_rank: bool):
 
 
 def _dadvi(target, thetas0: np.ndarray, u_fixed, full_rank: bool, counter: _Counter) -> np.ndarray:
-    """L-BFGS on the fixed-draw ELBO from a batch of starts ``[k, p]``, in lockstep.
+    """L-BFGS on the fixed-draw ELBO from each start of ``[k, p]``.
 
     Returns the end points ``[k, p]``; a start that ended non-finite has NaNs.
     """
@@ -329,7 +329,7 @@ def fit_gaussian(
       target: a :class:`~neutra_flows.Target`.
       seed: an int or stateless seed (starts, fixed draws, fresh ELBO draws).
       full_rank: full ``L`` (default when ``d <= FULL_RANK_MAX_DIM``) or diagonal.
-      num_starts: MAP starts, run as one batch.
+      num_starts: MAP starts (the origin, then Uniform(-2, 2) draws).
       num_fixed_draws: DADVI's ``M``; default ``max(32, 2 d)`` for a full-rank
         DADVI (fewer than ``d`` draws leave directions the objective cannot
         see), 32 for a mean-field one (``d > 32``, or ``full_rank=False``).
