@@ -76,6 +76,7 @@ import math
 import time
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import arviz as az
@@ -94,6 +95,7 @@ from tensorflow_probability.python.experimental.mcmc import (
 from tensorflow_probability.python.internal import unnest
 
 from neutra_flows._utils import as_seed, check_positive_int, split_seed
+from neutra_flows.adaptation import FlowAdaptation, FlowAdapter
 
 tfb = tfp.bijectors
 
@@ -385,11 +387,24 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
         self._latent_scale.assign(new)
         return self._rebootstrap(results, old / new)
 
-    def _rebootstrap(self, results: Any, ratio: Any) -> Any:
-        """Results for the same ``z`` after the latent scale was divided by ``ratio``."""
+    def refresh(self, results: Any, state: Any) -> Any:
+        """Results for the chains at ``z = state`` after the flow's weights changed.
+
+        The points are pulled back through the new flow (``flow.inverse``), the
+        target and its gradient re-evaluated there; the step-size and ChEES
+        adaptation keep their state.
+        """
+        return self._rebootstrap(results, init_state=tf.convert_to_tensor(state, self.target.dtype))
+
+    def _rebootstrap(self, results: Any, ratio: Any = None, init_state: Any = None) -> Any:
+        """Results for the same ``z`` after the latent scale was divided by ``ratio``
+        (or, given ``init_state``, after the flow changed)."""
         transformed = results.inner_results
-        fresh = self._kernel.inner_kernel.bootstrap_results(
-            transformed_init_state=transformed.transformed_state * ratio)
+        if init_state is not None:
+            fresh = self._kernel.inner_kernel.bootstrap_results(init_state=init_state)
+        else:
+            fresh = self._kernel.inner_kernel.bootstrap_results(
+                transformed_init_state=transformed.transformed_state * ratio)
         if self._uses_chees:
             chees = transformed.inner_results
             hmc = fresh.inner_results.inner_results
@@ -814,6 +829,7 @@ def sample(
     progress: bool = True,
     jit_compile: bool = True,
     adapt_latent_scale: bool = True,
+    adapt_flow: bool | FlowAdaptation = False,
     thin: int = 1,
     max_trace_bytes: int | None = 4 * 2**30,
     strategy: tf.distribute.Strategy | None = None,
@@ -847,6 +863,16 @@ def sample(
         with ``flow.inverse`` once.
       progress: a tqdm bar over chunks of the compiled loop.
       jit_compile: XLA-compile the loop (``tf.function(jit_compile=True)``).
+      flow: ... or ``"adapt"``: a fresh flow (RealNVP by default) trained on the
+        chains' own draws during the warm-up; see ``adapt_flow``.
+      adapt_flow: ``True`` or a :class:`~neutra_flows.adaptation.FlowAdaptation`
+        (its settings): during the warm-up, at a few window ends, refit the flow
+        on the chains' draws and the target's gradients there (Fisher divergence
+        in latent space, or maximum likelihood), keep a refit only when held-out
+        draws say it is better, and freeze it for sampling. Needs a flow with a
+        fast inverse (realnvp, nsf, maf, affine, lu_linear). The gradients spent
+        on the refits are counted in ``num_grad_evals_training``; the refits are
+        listed in the attrs (``flow_refits``). ``flow="adapt"`` implies it.
       adapt_latent_scale: NeuTra only, ``num_warmup >= 100``: after half of the
         warm-up, set a diagonal scale in the flow's latent space (a diagonal
         mass matrix, :attr:`NeuTraKernel.latent_scale`) to the standard deviation
@@ -889,218 +915,308 @@ def sample(
     ``tfp.mcmc.sample_chain(num_samples, ..., num_burnin_steps=num_warmup,
     seed=run_seed)`` would with a ``NeuTraKernel(num_adaptation_steps=num_warmup)``.
     """
-    _check_target(target)
-    kind = _check_kernel_name(kernel)
-    num_chains = check_positive_int(num_chains, "num_chains")
-    num_warmup = check_positive_int(num_warmup, "num_warmup", minimum=0)
-    num_samples = check_positive_int(num_samples, "num_samples")
-    max_tree_depth = check_positive_int(max_tree_depth, "max_tree_depth")
-    if num_leapfrog_steps is not None:
-        num_leapfrog_steps = check_positive_int(num_leapfrog_steps, "num_leapfrog_steps")
-    thin = check_positive_int(thin, "thin")
-    if seed is None:
-        raise ValueError("sample needs a seed (an int or a pair of ints)")
-    seed_tensor = as_seed(seed)
-    bijector, training_time = _as_flow(flow)
-    d = int(target.event_size)
-    dtype = target.dtype
-    _check_trace_size(num_chains, num_samples, thin, d, dtype, max_trace_bytes)
+    settings = _Settings.check(
+        target, kernel=kernel, num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
+        seed=seed, step_size=step_size, target_accept_prob=target_accept_prob,
+        num_leapfrog_steps=num_leapfrog_steps, max_tree_depth=max_tree_depth, thin=thin,
+        jit_compile=jit_compile, progress=progress, strategy=strategy)
+    bijector, training_time, adapter = _resolve_flow(target, flow, adapt_flow, settings)
+    _check_trace_size(num_chains, num_samples, settings.thin, int(target.event_size), target.dtype,
+                      max_trace_bytes)
     if strategy is not None:
         _check_sharding(strategy, bijector, num_chains)
-    if target_accept_prob is None:
-        target_accept_prob = _DEFAULT_TARGET_ACCEPT_PROB
-    init_seed, run_seed = split_seed(seed_tensor)
-    # Everything the compiled graph bakes in; the objects themselves are held by
-    # the cache, so their ids stay unique while the entry lives.
-    cache_key = (
-        id(target),
-        None if bijector is None else id(bijector),
-        kind,
-        num_chains,
-        num_warmup,
-        step_size,
-        float(target_accept_prob),
-        num_leapfrog_steps,
-        max_tree_depth,
-        None if strategy is None else id(strategy),
-    )
-
-    if init_state is not None:
-        z_given = np.asarray(init_state, dtype=dtype.as_numpy_dtype)
-        if z_given.shape != (num_chains, d):
-            raise ValueError(
-                f"init_state must have shape [num_chains, d] = [{num_chains}, {d}], got {z_given.shape}"
-            )
-        _check_start(target, z_given, "init_state")
-
-    if bijector is not None:
-        if kind == "hmc" and num_leapfrog_steps is None and num_chains < 2:
-            raise ValueError(
-                "HMC with an adapted trajectory length (ChEES) needs num_chains >= 2; "
-                "pass num_leapfrog_steps or use kernel='nuts'"
-            )
-        latent_half = num_warmup // 2 if adapt_latent_scale and num_warmup >= _MIN_LATENT_WARMUP else 0
-        mcmc_kernel = _cached_kernel(
-            cache_key,
-            lambda: NeuTraKernel(
-                target,
-                bijector,
-                kernel=kind,
-                num_adaptation_steps=num_warmup,
-                step_size=step_size,
-                num_leapfrog_steps=num_leapfrog_steps,
-                target_accept_prob=target_accept_prob,
-                max_tree_depth=max_tree_depth,
-            ),
-            strategy,
-        )
-        # A cached kernel may hold the scale its last run adapted.
-        mcmc_kernel.latent_scale.assign(tf.ones([d], dtype))
-        # The starts are checked before bootstrapping (which evaluates gradients)
-        # so that a bad start fails fast and with the target's own words.
-        if init_state is None:
-            u0, z0 = mcmc_kernel._base_draws(num_chains, init_seed)
-            _check_start(target, z0.numpy(), "starting draws")
-            results = mcmc_kernel.bootstrap_results(transformed_init_state=u0)
-        else:
-            z0, u0 = tf.constant(z_given), None
-            results = mcmc_kernel.bootstrap_results(init_state=z0)
-        adaptation = "dual-averaging step size" + (
-            " + ChEES trajectory length" if mcmc_kernel.uses_chees else ""
-        )
-        if latent_half:
-            adaptation += " + latent diagonal scale (one window)"
-        sampler = f"NeuTra-{kind.upper()}"
-        flow_name = _flow_name(bijector)
+    z_given = _given_start(target, init_state, num_chains)
+    if bijector is None:
+        plan = _baseline_plan(target, settings, z_given)
     else:
-        if kind == "hmc" and num_leapfrog_steps is None:
-            raise ValueError("the baseline HMC (flow=None) needs num_leapfrog_steps; or use kernel='nuts'")
-        latent_half = 0
-        mcmc_kernel = _cached_kernel(
-            cache_key,
-            lambda: _baseline_kernel(
-                target,
-                kind=kind,
-                num_chains=num_chains,
-                num_adaptation_steps=num_warmup,
-                step_size=_default_step_size(d) if step_size is None else float(step_size),
-                target_accept_prob=float(target_accept_prob),
-                num_leapfrog_steps=num_leapfrog_steps,
-                max_tree_depth=max_tree_depth,
-            ),
+        plan = _neutra_plan(target, bijector, settings, z_given, adapt_latent_scale, adapter)
+    _check_sampler_start(plan.results)
+    run = _run(plan, settings)
+    return _assemble(plan, settings, run, flow, training_time)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The checked arguments every phase of :func:`sample` reads."""
+
+    kind: str
+    num_chains: int
+    num_warmup: int
+    num_samples: int
+    seed: Any
+    init_seed: Any
+    run_seed: Any
+    step_size: float | None
+    target_accept_prob: float
+    num_leapfrog_steps: int | None
+    max_tree_depth: int
+    thin: int
+    jit_compile: bool
+    progress: bool
+    strategy: Any
+
+    @classmethod
+    def check(cls, target, *, kernel, num_chains, num_warmup, num_samples, seed, step_size, target_accept_prob,
+              num_leapfrog_steps, max_tree_depth, thin, jit_compile, progress, strategy) -> _Settings:
+        _check_target(target)
+        if num_leapfrog_steps is not None:
+            num_leapfrog_steps = check_positive_int(num_leapfrog_steps, "num_leapfrog_steps")
+        if seed is None:
+            raise ValueError("sample needs a seed (an int or a pair of ints)")
+        init_seed, run_seed = split_seed(as_seed(seed))
+        return cls(
+            kind=_check_kernel_name(kernel),
+            num_chains=check_positive_int(num_chains, "num_chains"),
+            num_warmup=check_positive_int(num_warmup, "num_warmup", minimum=0),
+            num_samples=check_positive_int(num_samples, "num_samples"),
+            seed=seed, init_seed=init_seed, run_seed=run_seed, step_size=step_size,
+            target_accept_prob=(_DEFAULT_TARGET_ACCEPT_PROB if target_accept_prob is None
+                                else target_accept_prob),
+            num_leapfrog_steps=num_leapfrog_steps,
+            max_tree_depth=check_positive_int(max_tree_depth, "max_tree_depth"),
+            thin=check_positive_int(thin, "thin"),
+            jit_compile=bool(jit_compile), progress=progress, strategy=strategy,
         )
-        adaptation = mcmc_kernel.adaptation
-        if init_state is None:
-            z0 = tf.random.stateless_uniform(
-                [num_chains, d], seed=init_seed, minval=-2.0, maxval=2.0, dtype=dtype
-            )
-            _check_start(target, z0.numpy(), "starting draws")
-        else:
-            z0 = tf.constant(z_given)
-        results = mcmc_kernel.bootstrap_results(z0)
-        sampler = kind.upper()
-        flow_name = "none"
 
-    _check_sampler_start(results)
+    def cache_key(self, target, bijector) -> tuple:
+        """Everything the compiled graph bakes in; the cache holds the objects, so ids stay unique."""
+        return (
+            id(target), None if bijector is None else id(bijector), self.kind, self.num_chains,
+            self.num_warmup, self.step_size, float(self.target_accept_prob), self.num_leapfrog_steps,
+            self.max_tree_depth, None if self.strategy is None else id(self.strategy),
+        )
 
-    # Always 20 chunks (a few ms of dispatch each), so the bar never changes the
-    # compiled function: progress on or off, same compiled loop, same draws.
-    n_chunks = 20
-    warm_size = max(1, math.ceil(num_warmup / n_chunks))
-    # With latent adaptation, a chunk boundary falls at the half of the warm-up.
-    warm_chunks = _chunks(latent_half, warm_size) + _chunks(num_warmup - latent_half, warm_size)
+
+@dataclass
+class _Plan:
+    """A kernel at its start, and what the run and the report need to know about it."""
+
+    target: Any
+    bijector: Any
+    kernel: Any
+    z0: Any
+    u0: Any
+    results: Any
+    sampler: str
+    flow_name: str
+    adaptation: str
+    cache_key: tuple
+    hooks: list = field(default_factory=list)
+
+
+def _resolve_flow(target, flow, adapt_flow, settings):
+    """``(bijector or None, training seconds or None, FlowAdapter or None)`` from ``sample``'s flow."""
+    wants_adapt = isinstance(flow, str) or adapt_flow is not False
+    if isinstance(flow, str) and flow != "adapt":
+        raise ValueError(f"flow must be a flow, a FitResult, None or 'adapt', got the string {flow!r}")
+    if not wants_adapt:
+        return (*_as_flow(flow), None)
+    if settings.strategy is not None:
+        raise ValueError("adapting the flow on the chains' draws (flow='adapt' or adapt_flow) does not "
+                         "support a distribution strategy; pass strategy=None")
+    config = adapt_flow if isinstance(adapt_flow, FlowAdaptation) else FlowAdaptation()
+    bijector, training_time = (None, None) if isinstance(flow, str) else _as_flow(flow)
+    if flow is None:
+        raise ValueError("adapt_flow needs a flow to refine, or flow='adapt' to start from a fresh one")
+    adapter = FlowAdapter(target, bijector, config=config, num_warmup=settings.num_warmup,
+                          num_chains=settings.num_chains, seed=settings.init_seed)
+    return adapter.flow, training_time, adapter
+
+
+def _given_start(target, init_state, num_chains: int) -> np.ndarray | None:
+    if init_state is None:
+        return None
+    d, dtype = int(target.event_size), target.dtype
+    z_given = np.asarray(init_state, dtype=dtype.as_numpy_dtype)
+    if z_given.shape != (num_chains, d):
+        raise ValueError(
+            f"init_state must have shape [num_chains, d] = [{num_chains}, {d}], got {z_given.shape}"
+        )
+    _check_start(target, z_given, "init_state")
+    return z_given
+
+
+def _neutra_plan(target, bijector, s: _Settings, z_given, adapt_latent_scale: bool, adapter) -> _Plan:
+    """NeuTra's kernel (cached), its start, and its warm-up hooks."""
+    if s.kind == "hmc" and s.num_leapfrog_steps is None and s.num_chains < 2:
+        raise ValueError(
+            "HMC with an adapted trajectory length (ChEES) needs num_chains >= 2; "
+            "pass num_leapfrog_steps or use kernel='nuts'"
+        )
+    key = s.cache_key(target, bijector)
+    kernel = _cached_kernel(
+        key,
+        lambda: NeuTraKernel(
+            target, bijector, kernel=s.kind, num_adaptation_steps=s.num_warmup, step_size=s.step_size,
+            num_leapfrog_steps=s.num_leapfrog_steps, target_accept_prob=s.target_accept_prob,
+            max_tree_depth=s.max_tree_depth,
+        ),
+        s.strategy,
+    )
+    # A cached kernel may hold the scale its last run adapted.
+    kernel.latent_scale.assign(tf.ones([int(target.event_size)], target.dtype))
+    # The starts are checked before bootstrapping (which evaluates gradients)
+    # so that a bad start fails fast and with the target's own words.
+    if z_given is None:
+        u0, z0 = kernel._base_draws(s.num_chains, s.init_seed)
+        _check_start(target, z0.numpy(), "starting draws")
+        results = kernel.bootstrap_results(transformed_init_state=u0)
+    else:
+        z0, u0 = tf.constant(z_given), None
+        results = kernel.bootstrap_results(init_state=z0)
+    adaptation = "dual-averaging step size" + (" + ChEES trajectory length" if kernel.uses_chees else "")
+    hooks: list = []
+    if adapter is not None:
+        hooks.append(adapter)
+        adaptation += f" + flow refits on the draws ({adapter.config.objective})"
+    latent = _LatentScaleWindow.schedule(s.num_warmup, after=adapter.last_boundary if adapter else 0)
+    if adapt_latent_scale and latent is not None:
+        hooks.append(latent)
+        adaptation += " + latent diagonal scale (one window)"
+    return _Plan(target=target, bijector=bijector, kernel=kernel, z0=z0, u0=u0, results=results,
+                 sampler=f"NeuTra-{s.kind.upper()}", flow_name=_flow_name(bijector), adaptation=adaptation,
+                 cache_key=key, hooks=hooks)
+
+
+def _baseline_plan(target, s: _Settings, z_given) -> _Plan:
+    """The baseline's windowed-adaptation kernel (cached) and its start (Stan's Uniform(-2, 2))."""
+    if s.kind == "hmc" and s.num_leapfrog_steps is None:
+        raise ValueError("the baseline HMC (flow=None) needs num_leapfrog_steps; or use kernel='nuts'")
+    d, dtype = int(target.event_size), target.dtype
+    key = s.cache_key(target, None)
+    kernel = _cached_kernel(
+        key,
+        lambda: _baseline_kernel(
+            target, kind=s.kind, num_chains=s.num_chains, num_adaptation_steps=s.num_warmup,
+            step_size=_default_step_size(d) if s.step_size is None else float(s.step_size),
+            target_accept_prob=float(s.target_accept_prob), num_leapfrog_steps=s.num_leapfrog_steps,
+            max_tree_depth=s.max_tree_depth,
+        ),
+    )
+    if z_given is None:
+        z0 = tf.random.stateless_uniform([s.num_chains, d], seed=s.init_seed, minval=-2.0, maxval=2.0,
+                                         dtype=dtype)
+        _check_start(target, z0.numpy(), "starting draws")
+    else:
+        z0 = tf.constant(z_given)
+    return _Plan(target=target, bijector=None, kernel=kernel, z0=z0, u0=None,
+                 results=kernel.bootstrap_results(z0), sampler=s.kind.upper(), flow_name="none",
+                 adaptation=kernel.adaptation, cache_key=key)
+
+
+@dataclass
+class _RunRecord:
+    z: np.ndarray
+    stats: dict[str, np.ndarray]
+    results: Any
+    compile_time: float
+    warmup_time: float
+    sampling_time: float
+    grads_warmup: int
+    grads_sampling: int
+    divs_warmup: int
+    divs_sampling: int
+
+
+# Always this many chunks (a few ms of dispatch each), so the progress bar never
+# changes the compiled function: progress on or off, same compiled loop, same draws.
+_NUM_CHUNKS = 20
+
+
+def _run(plan: _Plan, s: _Settings) -> _RunRecord:
+    """Compiles the chunked loop, then runs the warm-up (with its hooks) and the kept draws."""
+    warm_size = max(1, math.ceil(s.num_warmup / _NUM_CHUNKS))
+    # A chunk boundary falls at every step where a hook acts.
+    stops = sorted({b for hook in plan.hooks for b in hook.boundaries} | {s.num_warmup})
+    warm_chunks = [n for lo, hi in zip([0] + stops[:-1], stops, strict=True)
+                   for n in _chunks(hi - lo, warm_size)]
     # Sampling chunks hold whole groups of `thin` transitions (one kept draw each).
-    sample_size = thin * max(1, math.ceil(num_samples / thin / n_chunks))
-    sample_chunks = _chunks(num_samples, sample_size)
-    buffer_size = max(sample_size // thin, warm_size if latent_half else 1)
-    advance = _cached_advance(cache_key + (buffer_size, bool(jit_compile)), mcmc_kernel)
-    loop_seed = tfp.random.sanitize_seed(run_seed, salt=_SAMPLE_CHAIN_SALT)
-    one = tf.constant(1, tf.int32)
-    rescale = mcmc_kernel.rescale_latent if bijector is not None else None
-    if strategy is not None:
-        advance = _sharded_chains(strategy, mcmc_kernel, cache_key, num_chains, num_warmup, buffer_size,
-                                  bool(jit_compile))
-        z0, results = advance.start(z0, u0)
+    sample_size = s.thin * max(1, math.ceil(s.num_samples / s.thin / _NUM_CHUNKS))
+    sample_chunks = _chunks(s.num_samples, sample_size)
+    buffer_size = max(sample_size // s.thin, warm_size if plan.hooks else 1)
+    advance = _cached_advance(plan.cache_key + (buffer_size, s.jit_compile), plan.kernel)
+    loop_seed = tfp.random.sanitize_seed(s.run_seed, salt=_SAMPLE_CHAIN_SALT)
+    z0, results = plan.z0, plan.results
+    rescale = getattr(plan.kernel, "rescale_latent", None)
+    if s.strategy is not None:
+        advance = _sharded_chains(s.strategy, plan.kernel, plan.cache_key, s.num_chains, s.num_warmup,
+                                  buffer_size, s.jit_compile)
+        z0, results = advance.start(z0, plan.u0)
         rescale = advance.rescale_latent
 
     start = time.perf_counter()
     # Compiles (and runs zero steps) so compile time stays out of the phases' times.
-    advance(z0, results, loop_seed, tf.constant(0, tf.int32), one)
+    advance(z0, results, loop_seed, tf.constant(0, tf.int32), tf.constant(1, tf.int32))
     compile_time = time.perf_counter() - start
 
-    bar = _progress(progress, num_warmup + num_samples, f"{sampler} warm-up")
+    bar = _progress(s.progress, s.num_warmup + s.num_samples, f"{plan.sampler} warm-up")
     start = time.perf_counter()
     state, results, loop_seed, grads_warmup, divs_warmup = _warm_up(
-        advance, z0, results, loop_seed, warm_chunks, latent_half, rescale, mcmc_kernel, bar)
+        advance, z0, results, loop_seed, warm_chunks, plan.hooks, rescale, plan.kernel, bar)
     warmup_time = time.perf_counter() - start
-
     if bar is not None:
-        bar.set_description(f"{sampler} sampling")
+        bar.set_description(f"{plan.sampler} sampling")
     start = time.perf_counter()
     state, results, pieces, grads_sampling, divs_sampling = _draw(
-        advance, state, results, loop_seed, sample_chunks, thin, bar)
+        advance, state, results, loop_seed, sample_chunks, s.thin, bar)
     sampling_time = time.perf_counter() - start
     if bar is not None:
         bar.close()
-
-    if strategy is not None:
+    if s.strategy is not None:
         results = advance.local_results(results)
-    z, stats = _trace(pieces, target)
+    z, stats = _trace(pieces, plan.target)
+    return _RunRecord(z=z, stats=stats, results=results, compile_time=compile_time, warmup_time=warmup_time,
+                      sampling_time=sampling_time, grads_warmup=grads_warmup, grads_sampling=grads_sampling,
+                      divs_warmup=divs_warmup, divs_sampling=divs_sampling)
 
-    final_step = float(np.asarray(stats["step_size"])[:, -1].mean())
-    if bijector is not None and mcmc_kernel.uses_chees:
-        trajectory = float(unnest.get_innermost(results, "averaged_max_trajectory_length"))
-    elif kind == "hmc":
-        trajectory = float(num_leapfrog_steps) * final_step
-    else:
-        trajectory = float("nan")
-    attrs: dict[str, Any] = dict(
-        sampler=sampler,
-        kernel=kind,
-        flow=flow_name,
-        target=str(getattr(target, "name", "target")),
-        dtype=dtype.name,
-        num_chains=num_chains,
-        num_warmup=num_warmup,
-        num_samples=num_samples,
-        seed=str(seed) if not isinstance(seed, (int, np.integer)) else int(seed),
-        compile_time=compile_time,
-        warmup_time=warmup_time,
-        sampling_time=sampling_time,
-        num_grad_evals_warmup=grads_warmup,
-        num_grad_evals_sampling=grads_sampling,
-        num_divergences_warmup=divs_warmup,
-        num_divergences_sampling=divs_sampling,
-        step_size=final_step,
-        target_accept_prob=float(target_accept_prob),
-        trajectory_length=trajectory,
-        mean_leapfrog_steps=float(stats["n_steps"].mean()),
-        adaptation=adaptation,
-        jit_compile=int(bool(jit_compile)),
-        thin=thin,
-        num_replicas=1 if strategy is None else int(strategy.num_replicas_in_sync),
-    )
-    if kind == "nuts":
-        attrs["max_tree_depth"] = max_tree_depth
+
+def _assemble(plan: _Plan, s: _Settings, run: _RunRecord, flow: Any, training_time) -> az.InferenceData:
+    """The InferenceData with its attrs, and the warnings a user must see."""
+    attrs = _attrs(plan, s, run)
     if training_time is not None:
         attrs["flow_training_time"] = training_time
     training_grads = getattr(flow, "num_grad_evals", None)
     if training_grads is not None:
         attrs["num_grad_evals_training"] = int(training_grads)
-    if latent_half:
-        scale = mcmc_kernel.latent_scale.numpy()
-        attrs["latent_scale_min"], attrs["latent_scale_max"] = float(scale.min()), float(scale.max())
-    truth = _ground_truth_json(target)
-    if truth is not None:
-        attrs["ground_truth"] = truth
-
-    _warn_if_divergent(divs_sampling, num_chains * num_samples, sampler, attrs["target"], bijector is not None)
-    posterior = target.named_draws(z)
-    idata = az.from_dict(posterior=posterior, sample_stats=stats)
+    for hook in plan.hooks:
+        hook.report(attrs)
+    target_name = attrs["target"]
+    neutra = plan.bijector is not None
+    _warn_if_divergent(run.divs_sampling, s.num_chains * s.num_samples, plan.sampler, target_name, neutra)
+    idata = az.from_dict(posterior=plan.target.named_draws(run.z), sample_stats=run.stats)
     for group in (idata.posterior, idata.sample_stats):
         group.attrs.update(attrs)
-    _warn_if_not_converged(idata, sampler, attrs["target"], bijector is not None)
+    _warn_if_not_converged(idata, plan.sampler, target_name, neutra)
     return idata
+
+
+def _attrs(plan: _Plan, s: _Settings, run: _RunRecord) -> dict[str, Any]:
+    final_step = float(np.asarray(run.stats["step_size"])[:, -1].mean())
+    if plan.bijector is not None and plan.kernel.uses_chees:
+        trajectory = float(unnest.get_innermost(run.results, "averaged_max_trajectory_length"))
+    elif s.kind == "hmc":
+        trajectory = float(s.num_leapfrog_steps) * final_step
+    else:
+        trajectory = float("nan")
+    attrs: dict[str, Any] = dict(
+        sampler=plan.sampler, kernel=s.kind, flow=plan.flow_name,
+        target=str(getattr(plan.target, "name", "target")), dtype=plan.target.dtype.name,
+        num_chains=s.num_chains, num_warmup=s.num_warmup, num_samples=s.num_samples,
+        seed=str(s.seed) if not isinstance(s.seed, (int, np.integer)) else int(s.seed),
+        compile_time=run.compile_time, warmup_time=run.warmup_time, sampling_time=run.sampling_time,
+        num_grad_evals_warmup=run.grads_warmup, num_grad_evals_sampling=run.grads_sampling,
+        num_divergences_warmup=run.divs_warmup, num_divergences_sampling=run.divs_sampling,
+        step_size=final_step, target_accept_prob=float(s.target_accept_prob), trajectory_length=trajectory,
+        mean_leapfrog_steps=float(run.stats["n_steps"].mean()), adaptation=plan.adaptation,
+        jit_compile=int(s.jit_compile), thin=s.thin,
+        num_replicas=1 if s.strategy is None else int(s.strategy.num_replicas_in_sync),
+    )
+    if s.kind == "nuts":
+        attrs["max_tree_depth"] = s.max_tree_depth
+    truth = _ground_truth_json(plan.target)
+    if truth is not None:
+        attrs["ground_truth"] = truth
+    return attrs
 
 
 def _check_sharding(strategy, bijector, num_chains: int) -> None:
@@ -1150,25 +1266,64 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step")
 
 
-def _warm_up(advance, state, results, loop_seed, chunks, latent_half, rescale, kernel, bar):
-    """The warm-up chunks; at ``latent_half`` steps the latent scale is set from the
-    second quarter's draws. Returns ``(state, results, seed, gradients, divergences)``."""
+def _warm_up(advance, state, results, loop_seed, chunks, hooks, rescale, kernel, bar):
+    """The warm-up chunks. Each hook sees every chunk's buffered draws (``observe``)
+    and, at its boundaries, may replace the kernel results (``act``: a new latent
+    scale, a refitted flow). Returns ``(state, results, seed, gradients, divergences)``."""
     one = tf.constant(1, tf.int32)
     grads = divs = done = 0
-    window: list[np.ndarray] = []
     for n in chunks:
         state, results, loop_seed, g, v, buffers = advance(
             state, results, loop_seed, tf.constant(n, tf.int32), one)
         grads += int(g)
         divs += int(v)
-        if latent_half and done >= latent_half // 2 and done + n <= latent_half:
-            window.append(buffers["v"].numpy()[:n])
+        for hook in hooks:
+            hook.observe(done, n, buffers)
         done += n
-        if latent_half and done == latent_half:
-            results = rescale(results, _latent_scale_from(window, kernel.latent_scale))
+        for hook in hooks:
+            if done in hook.boundaries:
+                results = hook.act(done, state, results, kernel, rescale)
         if bar is not None:
             bar.update(n)
     return state, results, loop_seed, grads, divs
+
+
+class _LatentScaleWindow:
+    """Sets NeuTra's latent diagonal scale from the latent draws of one window.
+
+    The window is the second quarter of the warm-up by default (after the flow
+    refits when the flow is adapted on the draws); the scale is set at its end,
+    with Stan's regularisation, and the step size goes on adapting after it.
+    """
+
+    def __init__(self, first: int, boundary: int):
+        self.first, self.boundaries = first, (boundary,)
+        self.window: list[np.ndarray] = []
+        self.scale: np.ndarray | None = None
+
+    @classmethod
+    def schedule(cls, num_warmup: int, after: int = 0) -> _LatentScaleWindow | None:
+        if num_warmup < _MIN_LATENT_WARMUP:
+            return None
+        if not after:
+            half = num_warmup // 2
+            return cls(half // 2, half)
+        # After the last flow refit: half of what is left is the window, then the
+        # step size settles for the other half.
+        return cls(after, after + (num_warmup - after) // 2)
+
+    def observe(self, done: int, n: int, buffers) -> None:
+        if done >= self.first and done + n <= self.boundaries[0]:
+            self.window.append(buffers["v"].numpy()[:n])
+
+    def act(self, step: int, state, results, kernel, rescale):
+        self.scale = _latent_scale_from(self.window, kernel.latent_scale)
+        return rescale(results, self.scale)
+
+    def report(self, attrs: dict) -> None:
+        if self.scale is not None:
+            attrs["latent_scale_min"] = float(self.scale.min())
+            attrs["latent_scale_max"] = float(self.scale.max())
 
 
 def _draw(advance, state, results, loop_seed, chunks, thin: int, bar):

@@ -1,0 +1,432 @@
+"""Adapting a flow on the chains' own draws during NeuTra's warm-up.
+
+A reverse-KL fit (:func:`neutra_flows.fit`) spends ``steps x batch`` target
+gradients before the first transition and, being mode-seeking, tends to miss
+the tails. Here the flow learns instead from the draws the warm-up produces
+anyway, as nutpie's normalizing-flow adaptation does (Seyboldt et al.):
+
+* the warm-up runs NeuTra with the current flow (a fresh flow is the identity);
+* at a few window ends (by default at 15 %, 30 %, 45 % and 60 % of the warm-up)
+  the chains' points ``x`` gathered so far, and the target's gradients there
+  ``g = grad log p(x)``, are split at random into training and held-out parts;
+* the flow is refitted from its current weights (at the first refit its
+  whitening layer starts from the draws' mean and covariance) by minimising
+  the **Fisher divergence** in latent space, ``E || grad_u log p~(u) + u ||^2``
+  with ``u = f^{-1}(x)`` and ``p~(u) = p(f(u)) |det f'(u)|`` the target pulled
+  back through the flow (zero exactly when the pulled-back target is
+  ``N(0, I)``), or by **maximum likelihood** on the draws (forward KL);
+* the refit is kept only when its held-out loss is lower than the current
+  flow's; a refit that produces NaN, or a flow that cannot pull a chain back,
+  is rejected with a note and the previous flow kept;
+* the chains carry on from the same points in the new latent space; after the
+  last refit the flow is frozen, NeuTra's latent scale and step size settle,
+  and the kept draws follow.
+
+The training costs no extra transitions, only the gradients at the gathered
+points (one per point, counted in ``num_grad_evals_training``) and some
+computation on the flow. Both losses need ``f^{-1}``, so the flow must have a
+fast inverse (RealNVP, spline coupling, MAF, the affine and LU flows); the
+default is RealNVP, which is fast in both directions.
+
+Use it through :func:`neutra_flows.sample`: ``sample(target, "adapt", seed=0)``
+or, to refine a flow from :func:`neutra_flows.fit`, ``sample(target, result,
+adapt_flow=True)``; ``adapt_flow=FlowAdaptation(...)`` changes the settings.
+
+References
+----------
+* Hoffman, M., Sountsov, P., Dillon, J. V., Langmore, I., Tran, D. and
+  Vasudevan, S. "NeuTra-lizing bad geometry in Hamiltonian Monte Carlo using
+  neural transport." 2019, arXiv:1903.03704.
+* Hyvarinen, A. "Estimation of non-normalized statistical models by score
+  matching." JMLR 6, 2005 (the Fisher divergence as a training loss).
+* Seyboldt, A., Carlson, E. and Carpenter, B. "Preconditioning Hamiltonian
+  Monte Carlo by minimizing Fisher divergence." 2025, arXiv:2603.18845
+  (nutpie's adaptation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from neutra_flows._utils import as_seed
+from neutra_flows.flows import make_flow
+from neutra_flows.vi import _guarded_step, _make_optimizer
+from neutra_flows.whitening import GaussianFit, set_whitening, whitening_layer
+
+tfb = tfp.bijectors
+
+__all__ = ["FAST_INVERSE_FLOWS", "OBJECTIVES", "FlowAdaptation", "FlowAdapter", "Refit"]
+
+#: Flows whose inverse is as cheap as their forward: the losses need ``f^{-1}``.
+FAST_INVERSE_FLOWS = ("realnvp", "nsf", "maf", "affine_diag", "affine_tril", "identity", "lu_linear")
+#: ``"fisher"``: Fisher divergence in latent space; ``"forward_kl"``: maximum likelihood.
+OBJECTIVES = ("fisher", "forward_kl")
+# Points per block when the target's gradients are computed (one compilation).
+_GRADIENT_BLOCK = 512
+
+
+@dataclass(frozen=True)
+class FlowAdaptation:
+    """Settings of the flow adaptation on the warm-up draws.
+
+    Attributes:
+      objective: ``"fisher"`` (default) or ``"forward_kl"``.
+      flow: the flow built for ``sample(target, "adapt")`` (one of
+        :data:`FAST_INVERSE_FLOWS`).
+      num_refits: refits, evenly spaced between ``first_refit`` and
+        ``last_refit`` (fractions of the warm-up).
+      train_steps: Adam steps per refit (at most: a refit stops when its held-out
+        loss has not improved for three checks of 50 steps).
+      batch_size: points per Adam step.
+      learning_rate: Adam's initial rate (cosine decay to 1 % within a refit).
+      validation_fraction: held-out share of the points, for the keep-or-reject test.
+      max_points: at most this many points (the most recent) per refit.
+      min_warmup: the smallest warm-up accepted (``ValueError`` below it).
+    """
+
+    objective: str = "fisher"
+    flow: str = "realnvp"
+    num_refits: int = 4
+    first_refit: float = 0.15
+    last_refit: float = 0.6
+    train_steps: int = 400
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    validation_fraction: float = 0.2
+    max_points: int = 4096
+    min_warmup: int = 200
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.flow not in FAST_INVERSE_FLOWS:
+            raise ValueError(f"flow must be one of {FAST_INVERSE_FLOWS} (a fast inverse), got {self.flow!r}")
+        for name in ("num_refits", "train_steps", "batch_size", "max_points", "min_warmup"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0.0 < self.first_refit <= self.last_refit < 1.0:
+            raise ValueError("need 0 < first_refit <= last_refit < 1 (fractions of the warm-up), got "
+                             f"{self.first_refit} and {self.last_refit}")
+        if not 0.05 <= self.validation_fraction <= 0.5:
+            raise ValueError(f"validation_fraction must lie in [0.05, 0.5], got {self.validation_fraction}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+    def boundaries(self, num_warmup: int) -> tuple[int, ...]:
+        """The warm-up steps after which the flow is refitted."""
+        if num_warmup < self.min_warmup:
+            raise ValueError(
+                f"adapting the flow on the warm-up draws needs num_warmup >= {self.min_warmup} (got "
+                f"{num_warmup}): too few draws to refit it. Give a longer warm-up, or train the flow "
+                "first with neutra_flows.fit and pass it without adaptation"
+            )
+        steps = np.linspace(self.first_refit, self.last_refit, self.num_refits) * num_warmup
+        return tuple(sorted({max(2, int(round(s))) for s in steps}))
+
+
+@dataclass
+class Refit:
+    """One refit: where, on how many points, the held-out losses and the verdict."""
+
+    step: int
+    num_train: int
+    num_validation: int
+    loss_before: float
+    loss_after: float
+    accepted: bool
+    note: str = ""
+
+
+class FlowAdapter:
+    """The warm-up hook of :func:`neutra_flows.sample` that refits the flow on the draws.
+
+    ``sample`` calls :meth:`observe` with every warm-up chunk's buffered draws
+    and :meth:`act` at each of :attr:`boundaries`; :meth:`report` writes the
+    refits into the run's attrs.
+    """
+
+    def __init__(self, target: Any, flow: tfb.Bijector | None, *, config: FlowAdaptation, num_warmup: int,
+                 num_chains: int, seed: Any):
+        self.config = config
+        self.boundaries = config.boundaries(num_warmup)
+        self.last_boundary = self.boundaries[-1]
+        # The first half of the first window is the chains' transient from their starts.
+        self.first_step = self.boundaries[0] // 2
+        self.target = target
+        self.flow = make_flow(config.flow, int(target.event_size), dtype=target.dtype) if flow is None else flow
+        _check_fast_inverse(self.flow)
+        self.refits: list[Refit] = []
+        self.num_grad_evals = 0
+        self.wall_time = 0.0
+        self._points: list[np.ndarray] = []
+        self._gradients: list[np.ndarray] = []
+        self._seed = as_seed(seed)
+        self._trainer = _FlowTrainer(target, self.flow, config)
+
+    def observe(self, done: int, n: int, buffers: dict) -> None:
+        """Keeps the chains' points of warm-up steps ``done ... done + n - 1`` from ``first_step`` on."""
+        if done + n <= self.first_step or done >= self.last_boundary:
+            return
+        skip = max(0, self.first_step - done)
+        z = buffers["z"].numpy()[skip:n]
+        self._points.append(z.reshape(-1, z.shape[-1]))
+
+    def act(self, step: int, state: Any, results: Any, kernel: Any, rescale: Any) -> Any:
+        """Refits the flow at warm-up step ``step``; returns the kernel results for ``state``."""
+        start = time.perf_counter()
+        x, g = self._data()
+        seed = tf.random.experimental.stateless_fold_in(self._seed, step)
+        first = not self.refits
+        refit, previous = self._trainer.refit(step, x, g, seed, from_moments=first)
+        if refit.accepted:
+            fresh = kernel.refresh(results, state)
+            if _finite_start(fresh):
+                results = fresh
+            else:
+                self._trainer.restore(previous)
+                refit.accepted = False
+                refit.note = ("the refitted flow cannot pull every chain back to a finite point: "
+                              "kept the previous flow")
+        self.refits.append(refit)
+        self.wall_time += time.perf_counter() - start
+        return results
+
+    def _data(self) -> tuple[np.ndarray, np.ndarray]:
+        """The most recent ``max_points`` points and the target's gradients there (computed once)."""
+        done = sum(len(p) for p in self._gradients)
+        new = np.concatenate(self._points)[done:] if self._points else np.zeros([0, self.target.event_size])
+        if len(new):
+            self._gradients.append(self._trainer.gradients(new))
+            self.num_grad_evals += len(new)
+        x = np.concatenate(self._points)[-self.config.max_points:]
+        g = np.concatenate(self._gradients)[-self.config.max_points:]
+        return x, g
+
+    def report(self, attrs: dict) -> None:
+        attrs["num_grad_evals_training"] = int(attrs.get("num_grad_evals_training", 0)) + self.num_grad_evals
+        attrs["flow_adaptation_time"] = self.wall_time
+        attrs["flow_refits"] = json.dumps([asdict(r) for r in self.refits])
+        attrs["flow_refits_accepted"] = sum(r.accepted for r in self.refits)
+
+
+def _check_fast_inverse(flow: Any) -> None:
+    config = getattr(flow, "flow_config", None)
+    name = config.get("name") if isinstance(config, dict) else None
+    if name not in FAST_INVERSE_FLOWS:
+        raise ValueError(
+            f"adapting a flow on the draws needs its inverse at every training step; flow "
+            f"{name or type(flow).__name__!r} has none that is fast. Use one of {FAST_INVERSE_FLOWS} "
+            "(make_flow('realnvp', d)), or sample with it without adaptation"
+        )
+
+
+def _finite_start(results: Any) -> bool:
+    from tensorflow_probability.python.internal import unnest
+
+    lp = unnest.get_innermost(results, "target_log_prob")
+    grads = tf.nest.flatten(unnest.get_innermost(results, "grads_target_log_prob"))
+    return bool(np.all(np.isfinite(lp.numpy()))) and all(np.all(np.isfinite(g.numpy())) for g in grads)
+
+
+@dataclass
+class _Buffers:
+    """Fixed-size training and held-out data, so that every refit reuses one compiled function."""
+
+    x: tf.Variable
+    g: tf.Variable
+    num_train: tf.Variable
+    val_x: tf.Variable
+    val_g: tf.Variable
+    val_mask: tf.Variable
+
+
+class _FlowTrainer:
+    """Refits a flow on ``(x, grad log p(x))`` by the configured loss, with a held-out check."""
+
+    check_every = 50
+    patience = 3
+
+    def __init__(self, target: Any, flow: tfb.Bijector, config: FlowAdaptation):
+        self.target, self.flow, self.config = target, flow, config
+        d, dtype = int(target.event_size), target.dtype
+        self.d, self.dtype = d, dtype
+        self.variables = list(flow.trainable_variables)
+        cap = config.max_points
+        val_cap = math.ceil(cap * config.validation_fraction)
+        self.buffers = _Buffers(
+            x=tf.Variable(tf.zeros([cap, d], dtype), trainable=False),
+            g=tf.Variable(tf.zeros([cap, d], dtype), trainable=False),
+            num_train=tf.Variable(1, dtype=tf.int32, trainable=False),
+            val_x=tf.Variable(tf.zeros([val_cap, d], dtype), trainable=False),
+            val_g=tf.Variable(tf.zeros([val_cap, d], dtype), trainable=False),
+            val_mask=tf.Variable(tf.zeros([val_cap], tf.bool), trainable=False),
+        )
+        rate = config.learning_rate
+        self.optimizer, _ = _make_optimizer(None, config.train_steps, rate, None)
+        self.optimizer.build(self.variables)
+        self.base = tfp.distributions.MultivariateNormalDiag(tf.zeros([d], dtype), tf.ones([d], dtype))
+        self._train = tf.function(self._train_chunk, jit_compile=True, autograph=False)
+        self._held_out_loss = tf.function(self._masked_loss, jit_compile=True, autograph=False)
+        self._grad = tf.function(self._target_gradient, jit_compile=True, autograph=False)
+
+    # -- the losses, per point -------------------------------------------------
+
+    def point_loss(self, x: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
+        """``[n, d], [n, d] -> [n]``: the configured loss at each point."""
+        if self.config.objective == "forward_kl":
+            u = self.flow.inverse(x)
+            return -(self.base.log_prob(u) + self.flow.inverse_log_det_jacobian(x, event_ndims=1))
+        # tf.identity: a new tensor, so the bijector cache cannot hand back x for f(u).
+        u = tf.identity(self.flow.inverse(x))
+        with tf.GradientTape() as tape:
+            tape.watch(u)
+            # The points are independent, so the gradient of the sum is each point's score.
+            pulled_back = tf.reduce_sum(g * self.flow.forward(u)) + tf.reduce_sum(
+                self.flow.forward_log_det_jacobian(u, event_ndims=1))
+        score = tape.gradient(pulled_back, u)
+        return tf.reduce_sum(tf.square(score + u), axis=-1)
+
+    def _masked_loss(self) -> tf.Tensor:
+        b = self.buffers
+        loss = self.point_loss(b.val_x, b.val_g)
+        total = tf.reduce_sum(tf.where(b.val_mask, loss, tf.zeros_like(loss)))
+        return total / tf.reduce_sum(tf.cast(b.val_mask, loss.dtype))
+
+    def _train_chunk(self, seed: tf.Tensor, num_steps: tf.Tensor) -> tf.Tensor:
+        b = self.buffers
+
+        def body(i, seed, skipped):
+            step_seed, seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+            pick = tf.random.stateless_uniform([self.config.batch_size], step_seed, minval=0,
+                                               maxval=b.num_train, dtype=tf.int32)
+            xb, gb = tf.gather(b.x, pick), tf.gather(b.g, pick)
+            _, finite, _ = _guarded_step(self.optimizer, self.variables,
+                                         lambda: (tf.reduce_mean(self.point_loss(xb, gb)), ()))
+            return i + 1, seed, skipped + tf.cast(~finite, tf.int32)
+
+        _, _, skipped = tf.while_loop(lambda i, *_: i < num_steps, body,
+                                      (tf.constant(0), seed, tf.constant(0)))
+        return skipped
+
+    def _target_gradient(self, x: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            lp = self.target.unnormalized_log_prob(x)
+        return tape.gradient(lp, x)
+
+    # -- one refit ------------------------------------------------------------------
+
+    def gradients(self, x: np.ndarray) -> np.ndarray:
+        """``grad log p`` at ``x`` ``[n, d]``, in padded blocks of one compiled shape."""
+        out = []
+        for lo in range(0, len(x), _GRADIENT_BLOCK):
+            block = x[lo:lo + _GRADIENT_BLOCK]
+            padded = np.concatenate([block, np.repeat(block[-1:], _GRADIENT_BLOCK - len(block), 0)])
+            out.append(self._grad(tf.constant(padded, self.dtype)).numpy()[: len(block)])
+        return np.concatenate(out)
+
+    def _load(self, x: np.ndarray, g: np.ndarray, seed: tf.Tensor) -> tuple[int, int]:
+        """A seeded random split into the training and held-out buffers (zero-padded)."""
+        n = len(x)
+        order = np.argsort(tf.random.stateless_uniform([n], seed, dtype=tf.float64).numpy(), kind="stable")
+        b = self.buffers
+        n_val = min(max(1, int(round(self.config.validation_fraction * n))), int(b.val_mask.shape[0]))
+        val, train = order[:n_val], order[n_val:]
+
+        def padded(a, size):
+            return tf.constant(np.concatenate([a, np.zeros([size - len(a), self.d])]), self.dtype)
+
+        b.x.assign(padded(x[train], int(b.x.shape[0])))
+        b.g.assign(padded(g[train], int(b.x.shape[0])))
+        b.num_train.assign(len(train))
+        b.val_x.assign(padded(x[val], int(b.val_x.shape[0])))
+        b.val_g.assign(padded(g[val], int(b.val_x.shape[0])))
+        b.val_mask.assign(np.arange(int(b.val_x.shape[0])) < n_val)
+        return len(train), n_val
+
+    def refit(self, step: int, x: np.ndarray, g: np.ndarray, seed: tf.Tensor, *,
+              from_moments: bool) -> tuple[Refit, list[tf.Tensor]]:
+        """Trains from the current weights; keeps the result only if the held-out loss drops.
+
+        Returns the refit's record and the weights before it (to restore).
+        """
+        previous = [tf.identity(v) for v in self.variables]
+        finite = np.all(np.isfinite(x), axis=1) & np.all(np.isfinite(g), axis=1)
+        x, g = x[finite], g[finite]
+        if len(x) < 20:
+            return Refit(step, len(x), 0, math.nan, math.nan, False,
+                         f"only {len(x)} finite points with finite gradients: refit skipped"), previous
+        load_seed, train_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        num_train, num_val = self._load(x, g, load_seed)
+        before = float(self._held_out_loss())
+        if from_moments:
+            _whiten_from_draws(self.flow, x)
+        best, best_weights = self._train_with_checks(train_seed)
+        record = Refit(step, num_train, num_val, before, best, False)
+        if not math.isfinite(best):
+            record.note = "the refit's held-out loss is not finite (NaN): kept the previous flow"
+        elif math.isfinite(before) and best >= before:
+            record.note = "no better than the current flow on the held-out draws: kept the previous flow"
+        else:
+            record.accepted = True
+            _assign(self.variables, best_weights)
+            return record, previous
+        _assign(self.variables, previous)
+        return record, previous
+
+    def _train_with_checks(self, seed: tf.Tensor) -> tuple[float, list[tf.Tensor]]:
+        """Adam from a fresh optimiser state; the weights of the best held-out check."""
+        for v in self.optimizer.variables:
+            v.assign(tf.zeros_like(v))
+        best, best_weights, stale = float(self._held_out_loss()), [tf.identity(v) for v in self.variables], 0
+        if not math.isfinite(best):
+            best = math.inf
+        for i in range(0, self.config.train_steps, self.check_every):
+            count = min(self.check_every, self.config.train_steps - i)
+            self._train(tf.random.experimental.stateless_fold_in(seed, i), tf.constant(count))
+            loss = float(self._held_out_loss())
+            if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.variables):
+                break
+            if math.isfinite(loss) and loss < best:
+                best, best_weights, stale = loss, [tf.identity(v) for v in self.variables], 0
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+        return (best if math.isfinite(best) else math.nan), best_weights
+
+    def restore(self, weights: list[tf.Tensor]) -> None:
+        _assign(self.variables, weights)
+
+
+def _assign(variables: list[tf.Variable], values: list[tf.Tensor]) -> None:
+    for v, value in zip(variables, values, strict=True):
+        v.assign(value)
+
+
+def _whiten_from_draws(flow: Any, x: np.ndarray) -> None:
+    """Starts the flow's whitening layer at the draws' mean and (regularised) covariance."""
+    layer = whitening_layer(flow)
+    if layer is None:
+        return
+    n, d = x.shape
+    x = np.asarray(x, np.float64)
+    full = hasattr(layer, "tril_params")
+    # Stan's regularisation of a windowed mass-matrix estimate, towards 1e-3 I.
+    shrink = n / (n + 5.0)
+    if full:
+        cov = shrink * np.cov(x, rowvar=False).reshape(d, d) + 1e-3 * (5.0 / (n + 5.0)) * np.eye(d)
+        tril = np.linalg.cholesky(cov)
+    else:
+        tril = np.diag(np.sqrt(shrink * x.var(axis=0) + 1e-3 * (5.0 / (n + 5.0))))
+    set_whitening(layer, GaussianFit(loc=x.mean(axis=0), scale_tril=tril, method="draws", elbo=math.nan,
+                                     elbo_se=math.nan, map_found=False, num_grad_evals=0))

@@ -1,0 +1,141 @@
+"""Adapting the flow on the warm-up draws: the loss, the keep-or-reject rule, bad input, and a run."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import neutra_flows as nf
+from neutra_flows.adaptation import FlowAdaptation, FlowAdapter, _FlowTrainer
+from neutra_flows.targets import Target
+
+
+def _gaussian(mean, std, dtype=tf.float64):
+    mean, std = np.asarray(mean, float), np.asarray(std, float)
+
+    def log_prob(z):
+        return -0.5 * tf.reduce_sum(tf.square((z - mean) / std), axis=-1)
+
+    return Target(log_prob, [len(mean)], dtype=dtype, name="gaussian",
+                  ground_truth_mean={"x": mean}, ground_truth_std={"x": std})
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(objective="reverse_kl"), "objective"),
+    (dict(flow="iaf"), "fast inverse"),
+    (dict(first_refit=0.7, last_refit=0.2), "first_refit"),
+    (dict(num_refits=0), "num_refits"),
+    (dict(validation_fraction=0.9), "validation_fraction"),
+])
+def test_bad_settings_are_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        FlowAdaptation(**kwargs)
+
+
+def test_sample_refuses_a_short_warm_up_and_slow_inverses():
+    target = _gaussian([0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="num_warmup >= 200"):
+        nf.sample(target, "adapt", num_warmup=100, num_samples=10, seed=0, progress=False)
+    with pytest.raises(ValueError, match="fast"):
+        nf.sample(target, nf.make_flow("iaf", 2, dtype=tf.float64), adapt_flow=True, num_warmup=300,
+                  num_samples=10, seed=0, progress=False)
+    with pytest.raises(ValueError, match="'adapt'"):
+        nf.sample(target, "fit", seed=0, progress=False)
+
+
+def _trainer(target, flow_name="affine_diag", **kwargs):
+    flow = nf.make_flow(flow_name, target.event_size, dtype=tf.float64)
+    return flow, _FlowTrainer(target, flow, FlowAdaptation(flow=flow_name, max_points=256, **kwargs))
+
+
+def test_fisher_loss_is_zero_at_the_exact_transport_and_analytic_at_the_identity():
+    mean, std = np.array([1.0, -2.0, 0.5]), np.array([2.0, 0.5, 3.0])
+    target = _gaussian(mean, std)
+    flow, trainer = _trainer(target)
+    x = np.random.default_rng(0).normal(size=[50, 3]) * std + mean
+    g = -(x - mean) / std**2
+    # Identity flow: u = x, so the latent score is g and the loss is ||g + x||^2.
+    loss = trainer.point_loss(tf.constant(x), tf.constant(g)).numpy()
+    np.testing.assert_allclose(loss, np.sum((g + x) ** 2, axis=1), rtol=1e-10)
+    # The exact transport z = mean + std * u pulls the target back to N(0, I): zero loss.
+    layer = flow.layers[0]
+    layer.shift.assign(mean)
+    layer.log_scale.assign(np.log(std))
+    loss = trainer.point_loss(tf.constant(x), tf.constant(g)).numpy()
+    np.testing.assert_allclose(loss, 0.0, atol=1e-10)
+
+
+def test_a_refit_that_produces_nan_is_rejected_and_the_flow_kept():
+    target = _gaussian([0.0, 0.0], [2.0, 0.5])
+    flow, trainer = _trainer(target, train_steps=50)
+    before = [v.numpy().copy() for v in flow.trainable_variables]
+    x = np.random.default_rng(1).normal(size=[100, 2])
+    g = trainer.gradients(x)
+    # Every step's loss is NaN: the guarded steps skip, and the held-out loss is NaN.
+    trainer.point_loss = lambda xb, gb: tf.fill(tf.shape(xb)[:1], tf.constant(np.nan, tf.float64))
+    trainer._train = tf.function(trainer._train_chunk, autograph=False)
+    trainer._held_out_loss = tf.function(trainer._masked_loss, autograph=False)
+    record, _ = trainer.refit(10, x, g, tf.constant([1, 2]), from_moments=True)
+    assert not record.accepted and "NaN" in record.note
+    for v, b in zip(flow.trainable_variables, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_too_few_points_skip_the_refit_with_a_note():
+    target = _gaussian([0.0, 0.0], [1.0, 1.0])
+    _, trainer = _trainer(target)
+    x = np.zeros([5, 2])
+    record, _ = trainer.refit(3, x, x, tf.constant([1, 2]), from_moments=False)
+    assert not record.accepted and "refit skipped" in record.note
+
+
+def test_the_refit_learns_a_badly_scaled_gaussian():
+    mean, std = np.array([3.0, -1.0]), np.array([10.0, 0.1])
+    target = _gaussian(mean, std)
+    flow, trainer = _trainer(target, train_steps=300, learning_rate=5e-2)
+    x = np.random.default_rng(2).normal(size=[200, 2]) * std + mean
+    record, _ = trainer.refit(100, x, trainer.gradients(x), tf.constant([3, 4]), from_moments=False)
+    assert record.accepted and record.loss_after < 0.05 * record.loss_before
+    # The truth is the target's, not the trainer's: z = mean + std * u.
+    layer = flow.layers[0]
+    np.testing.assert_allclose(np.exp(layer.log_scale.numpy()), std, rtol=0.1)
+    # In latent units (sds of the target) the location is off by less than 0.15.
+    np.testing.assert_array_less(np.abs(layer.shift.numpy() - mean), 0.15 * std)
+
+
+def test_sample_adapt_is_correct_on_a_correlated_gaussian_and_counts_its_gradients():
+    mean = np.array([1.0, -1.0, 0.0])
+    cov = np.array([[4.0, 1.9, 0.0], [1.9, 1.0, 0.0], [0.0, 0.0, 0.01]])
+    prec = np.linalg.inv(cov)
+
+    def log_prob(z):
+        r = z - mean
+        return -0.5 * tf.einsum("...i,ij,...j->...", r, prec, r)
+
+    target = Target(log_prob, [3], dtype=tf.float64, name="corr3",
+                    ground_truth_mean={"x": mean}, ground_truth_std={"x": np.sqrt(np.diag(cov))})
+    idata = nf.sample(target, "adapt", adapt_flow=FlowAdaptation(flow="affine_tril", train_steps=150),
+                      num_chains=4, num_warmup=300, num_samples=500, seed=3, progress=False)
+    attrs = idata.posterior.attrs
+    refits = json.loads(attrs["flow_refits"])
+    assert len(refits) == 4 and attrs["flow_refits_accepted"] >= 1
+    # One gradient per gathered point: 4 chains x the warm-up steps from step 22 to 180.
+    assert attrs["num_grad_evals_training"] == 4 * (180 - 22)
+    table = nf.compare({"adapt": idata})
+    row = table.loc["adapt"]
+    assert row["max_rhat"] < 1.01
+    assert row["max_abs_error_mcse"] < 4.0
+    assert 0.85 < row["min_std_ratio"] and row["max_std_ratio"] < 1.15
+
+
+def test_adapter_observes_only_the_window_draws():
+    target = _gaussian([0.0], [1.0])
+    adapter = FlowAdapter(target, None, config=FlowAdaptation(flow="affine_diag"), num_warmup=400,
+                          num_chains=2, seed=0)
+    assert adapter.boundaries == (60, 120, 180, 240)
+    buffers = {"z": tf.reshape(tf.range(20 * 2, dtype=tf.float64), [20, 2, 1])}
+    adapter.observe(20, 20, buffers)  # steps 20-39: the first 10 are the transient (before step 30)
+    np.testing.assert_array_equal(adapter._points[0].ravel(), np.arange(20, 40))
+    adapter.observe(240, 20, buffers)  # after the last refit: not kept
+    assert len(adapter._points) == 1
