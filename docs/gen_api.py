@@ -40,7 +40,8 @@ MODULES = (
     ("neutra_flows.bijectors", "Flow bijectors"),
     ("neutra_flows.diagnostics", "Diagnostics"),
     ("neutra_flows.plots", "Plots"),
-    ("neutra_flows.bench", "The benchmark pipeline"),
+    ("neutra_flows.app.bench", "The benchmark pipeline"),
+    ("neutra_flows.app.suite", "The real-model suite"),
 )
 
 _SECTION = re.compile(

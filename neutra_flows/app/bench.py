@@ -11,7 +11,7 @@ the training budget) and the goals it is judged against (the table of issue 5
 and ``docs/benchmarks.md``). :func:`run_benchmark` says for every goal whether
 it was met, so a missed goal is reported, never hidden.
 
-It only composes the public API; the CLI (:mod:`neutra_flows.cli`) is a thin
+It only composes the public API; the CLI (:mod:`neutra_flows.app.cli`) is a thin
 argument parser on top of it.
 """
 
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from neutra_flows import targets as _targets
+from neutra_flows._version import __version__
 from neutra_flows.diagnostics import compare
 from neutra_flows.flows import make_flow
 from neutra_flows.io import save_flow
@@ -285,10 +286,8 @@ def _versions() -> dict[str, str]:
     import tensorflow as tf
     import tensorflow_probability as tfp
 
-    import neutra_flows
-
     return {
-        "neutra_flows": neutra_flows.__version__,
+        "neutra_flows": __version__,
         "python": sys.version.split()[0],
         "tensorflow": tf.__version__,
         "tensorflow_probability": tfp.__version__,
