@@ -31,10 +31,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# TensorFlow's C++ start-up chatter (CUDA probing, XLA banners) is noise on a
-# command line; set before TensorFlow is first imported.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 __all__ = ["build_parser", "check_out_folder", "main", "parse_flow_options"]
 
 
