@@ -20,8 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 import neutra_flows as nf  # noqa: E402
-from neutra_flows.bench import BENCHMARKS, resolve_target  # noqa: E402
-from neutra_flows.cli import parse_flow_options  # noqa: E402
+from neutra_flows.app.bench import BENCHMARKS, resolve_target  # noqa: E402
+from neutra_flows.app.cli import parse_flow_options  # noqa: E402
 
 
 def main() -> None:

@@ -13,6 +13,16 @@ Run it from the repository root after changing a public docstring::
     python docs/gen_api.py --check    # exit 1 if docs/api.md is stale
 
 ``tests/test_examples.py`` fails when the committed file is stale.
+
+Why not pdoc, Sphinx (autodoc + napoleon) or mkdocstrings: none is a
+dependency of the package or of its tests, and each would be one more to pin
+and install in CI only to write this page; the standard library's ``pydoc``
+writes plain text or HTML, not Markdown. Those tools build a site (HTML) with
+a theme; what this project wants is one Markdown file that reads as it is on
+GitHub, sits in the repository beside the guide, and that a plain test can
+compare with the code, so a changed signature without a regenerated page fails
+the ordinary test run. The docstrings follow the Google style those tools
+read, so moving to one later costs only this script.
 """
 
 from __future__ import annotations
@@ -40,7 +50,8 @@ MODULES = (
     ("neutra_flows.bijectors", "Flow bijectors"),
     ("neutra_flows.diagnostics", "Diagnostics"),
     ("neutra_flows.plots", "Plots"),
-    ("neutra_flows.bench", "The benchmark pipeline"),
+    ("neutra_flows.app.bench", "The benchmark pipeline"),
+    ("neutra_flows.app.suite", "The real-model suite"),
 )
 
 _SECTION = re.compile(

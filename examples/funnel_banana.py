@@ -5,7 +5,7 @@ banana (2-D: ``x0 ~ N(0, 10)``, ``x1 ~ N(0.03 (x0^2 - 100), 1)``) are the two
 geometries NeuTra was made for: a scale that changes by orders of magnitude
 across the funnel, and a curved ridge. For each the script
 
-1. runs the benchmark pipeline (``neutra_flows.bench.run_benchmark``, the same as
+1. runs the benchmark pipeline (``neutra_flows.app.bench.run_benchmark``, the same as
    ``neutra-flows bench funnel``): trains an IAF by VI, samples with NeuTra
    (HMC, trajectory length adapted by ChEES) and with plain NUTS in the same
    process, and prints the comparison table and which goals were met;
@@ -53,7 +53,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from neutra_flows import plots  # noqa: E402
-from neutra_flows.bench import run_benchmark  # noqa: E402
+from neutra_flows.app.bench import run_benchmark  # noqa: E402
 
 TARGETS = ("funnel", "banana")
 

@@ -10,6 +10,10 @@ The public API:
   :mod:`neutra_flows.whitening`), :func:`fit_to_data`, :class:`FitResult`;
 * NeuTra sampling: :class:`NeuTraKernel`, :func:`sample`;
 * diagnostics: :func:`compare`; pictures in :mod:`neutra_flows.plots`.
+
+The benchmark pipeline, the real-model suite and the ``neutra-flows`` command
+live in :mod:`neutra_flows.app`, on top of this API: importing the package
+loads none of them.
 """
 
 import os as _os
@@ -24,7 +28,8 @@ from neutra_flows import _compat  # noqa: E402
 # Before anything builds a bijector: TFP 0.25's Pad needs it under NumPy >= 2.4.
 _compat.apply()
 
-from neutra_flows import bench, bijectors, models, plots, targets, whitening  # noqa: E402
+from neutra_flows import bijectors, models, plots, targets, whitening  # noqa: E402
+from neutra_flows._version import __version__  # noqa: E402
 from neutra_flows.diagnostics import compare  # noqa: E402
 from neutra_flows.flows import FLOW_NAMES, make_flow  # noqa: E402
 from neutra_flows.io import load_flow, save_flow  # noqa: E402
@@ -32,15 +37,12 @@ from neutra_flows.mcmc import NeuTraKernel, sample  # noqa: E402
 from neutra_flows.targets import Target  # noqa: E402
 from neutra_flows.vi import DataFitResult, FitResult, fit, fit_to_data  # noqa: E402
 
-__version__ = "0.1.0"
-
 __all__ = [
     "FLOW_NAMES",
     "DataFitResult",
     "FitResult",
     "NeuTraKernel",
     "Target",
-    "bench",
     "bijectors",
     "models",
     "plots",

@@ -2,6 +2,6 @@
 
 import sys
 
-from neutra_flows.cli import main
+from neutra_flows.app.cli import main
 
 sys.exit(main())

@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-__all__ = ["as_seed", "split_seed", "canonical_dtype", "dtype_name", "check_positive_int"]
+__all__ = ["as_seed", "split_seed", "canonical_dtype", "check_positive_int"]
 
 
 # Ints below _INT32_LIMIT map to [0, seed], as they always have (every seeded
@@ -67,10 +67,6 @@ def canonical_dtype(dtype: Any) -> tf.DType:
     if d not in (tf.float32, tf.float64):
         raise ValueError(f"dtype must be float32 or float64, got {d.name}")
     return d
-
-
-def dtype_name(dtype: Any) -> str:
-    return canonical_dtype(dtype).name
 
 
 def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:

@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import arviz as az
 import numpy as np
-import pandas as pd
-import xarray as xr
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import xarray as xr
 
 __all__ = ["COMPARE_COLUMNS", "compare"]
 
@@ -125,6 +126,8 @@ def _truth_from_attrs(idata: Any) -> tuple[dict | None, dict | None] | None:
 
 
 def _truth_figures(posterior: xr.Dataset, truth) -> dict[str, float]:
+    import arviz as az
+
     mean_truth, std_truth = truth
     errors, ratios = [], []
     mcse = az.mcse(posterior, method="mean")
@@ -149,6 +152,8 @@ def _truth_figures(posterior: xr.Dataset, truth) -> dict[str, float]:
 
 
 def _row(idata: Any, truth) -> dict[str, Any]:
+    import arviz as az
+
     posterior = _float64_posterior(idata)
     n_chains, n_draws = posterior.sizes["chain"], posterior.sizes["draw"]
     ess_bulk = _nanmin(_flat(az.ess(posterior, method="bulk")))
@@ -228,6 +233,10 @@ def compare(runs: Mapping[str, Any], ground_truth: Any = None) -> pd.DataFrame:
     >>> bool(table.loc["iid", "max_abs_error_mcse"] < 4)
     True
     """
+    # pandas (and ArviZ, which imports it) load on the first comparison, not
+    # with the package: ``import neutra_flows`` should not pay for them.
+    import pandas as pd
+
     if not isinstance(runs, Mapping) or not runs:
         raise ValueError("runs must be a non-empty dict {label: InferenceData}")
     common = _as_truth(ground_truth)

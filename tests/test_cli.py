@@ -9,8 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from neutra_flows import cli
-from neutra_flows.bench import BENCHMARKS, Goal
+from neutra_flows.app import cli
+from neutra_flows.app.bench import BENCHMARKS, Goal
 
 TINY = ["--train-steps", "60", "--batch-size", "64", "--chains", "2", "--warmup", "60",
         "--samples", "60", "--hidden", "8", "--layers", "2", "--quiet"]
@@ -111,7 +111,7 @@ def test_bench_sweeps_flows_against_one_baseline_run(tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["iaf", "maf"]
     import arviz as az
 
-    from neutra_flows.bench import run_benchmark
+    from neutra_flows.app.bench import run_benchmark
 
     runs = {flow: json.loads((out / flow / "results.json").read_text()) for flow in ("iaf", "maf")}
     assert runs["maf"]["settings"]["flow_options"]["output_affine"] is True
@@ -157,7 +157,7 @@ def test_module_entry_point():
 
 
 def test_suite_unknown_model_is_a_usage_error(capsys):
-    from neutra_flows.cli import main
+    from neutra_flows.app.cli import main
 
     with pytest.raises(SystemExit) as err:
         main(["suite", "--models", "no-such-model", "--out", "x"])
@@ -166,7 +166,7 @@ def test_suite_unknown_model_is_a_usage_error(capsys):
 
 
 def test_run_suite_writes_one_table_figure_and_rows(tmp_path):
-    from neutra_flows.suite import run_suite
+    from neutra_flows.app.suite import run_suite
 
     with pytest.raises(ValueError, match="unknown suite model"):
         run_suite(["nope"])
@@ -184,7 +184,7 @@ def test_run_suite_writes_one_table_figure_and_rows(tmp_path):
 
 
 def test_suite_checks_out_before_any_work(tmp_path, capsys):
-    from neutra_flows.cli import main
+    from neutra_flows.app.cli import main
 
     blocker = tmp_path / "file"
     blocker.write_text("mine")

@@ -1,5 +1,8 @@
 """The example scripts run end to end, use only the public API, and docs/api.md is fresh.
 
+Also: the library imports nothing of the application (``neutra_flows.app``),
+nor pandas or matplotlib, when it is imported.
+
 Each example runs in a subprocess with ``--fast --out tmp_path`` (tiny settings,
 no XLA compilation) and must exit 0, print its key lines and write its
 pictures. Two of them run in the default suite; the two whose fast mode still
@@ -8,6 +11,7 @@ compiles the benchmark pipeline or a 51-D NUTS run are marked slow.
 
 import ast
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -88,7 +92,7 @@ def test_every_example_is_covered():
 
 
 # Public modules an example may import from, besides `import neutra_flows as nf`.
-_PUBLIC_MODULES = {"neutra_flows", "neutra_flows.plots", "neutra_flows.bench", "neutra_flows.targets"}
+_PUBLIC_MODULES = {"neutra_flows", "neutra_flows.plots", "neutra_flows.app.bench", "neutra_flows.targets"}
 
 
 @pytest.mark.parametrize("script", sorted(EXPECTED))
@@ -108,10 +112,69 @@ def test_example_uses_only_the_public_api(script):
             assert node.module in _PUBLIC_MODULES, f"{script} imports from {node.module}"
             module = importlib.import_module(node.module)
             for alias in node.names:
-                public = set(getattr(module, "__all__", ())) | {"plots", "bench", "targets"}
+                public = set(getattr(module, "__all__", ()))
                 assert alias.name in public, f"{script} imports the non-public {node.module}.{alias.name}"
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "nf":
             assert not node.attr.startswith("_") or node.attr == "__version__", f"{script} uses nf.{node.attr}"
+
+
+# -- the library below the application ----------------------------------------------------
+
+_HEAVY = ("pandas", "matplotlib")
+
+
+def _module_level_imports(tree: ast.Module) -> list[str]:
+    """Modules a file imports when it is imported: not inside functions nor under ``TYPE_CHECKING``."""
+    names: list[str] = []
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo += node.orelse
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            todo += [*node.body, *getattr(node, "orelse", []), *getattr(node, "finalbody", []),
+                     *(h for handler in getattr(node, "handlers", []) for h in handler.body)]
+        elif isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return names
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(str(p.relative_to(ROOT)) for p in (ROOT / "neutra_flows").rglob("*.py")
+           if "app" not in p.relative_to(ROOT / "neutra_flows").parts and p.name != "__main__.py"),
+)
+def test_library_module_imports_no_application_pandas_or_matplotlib(path):
+    # Whatever TensorFlow happens to import, our own modules must not pull these in
+    # at import time: the application composes the library, never the reverse.
+    for name in _module_level_imports(ast.parse((ROOT / path).read_text())):
+        assert not name.startswith("neutra_flows.app"), f"{path} imports {name}"
+        assert name.split(".")[0] not in _HEAVY, f"{path} imports {name} at module level"
+
+
+def test_import_neutra_flows_loads_no_application_and_adds_no_pandas_or_matplotlib():
+    # TensorFlow (through Keras) may itself import pandas and matplotlib: what
+    # counts is what importing neutra_flows adds on top of its dependencies.
+    code = (
+        "import json, sys\n"
+        "import tensorflow, tensorflow_probability, tf_keras\n"
+        "before = set(sys.modules)\n"
+        "import neutra_flows\n"
+        "print(json.dumps({'file': neutra_flows.__file__, 'added': sorted(set(sys.modules) - before)}))\n"
+    )
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(report["file"]).resolve() == ROOT / "neutra_flows" / "__init__.py"
+    added = report["added"]
+    assert "neutra_flows.flows" in added and "neutra_flows.mcmc" in added  # the library did load
+    assert not [m for m in added if m.startswith("neutra_flows.app")]
+    assert not [m for m in added if m.split(".")[0] in _HEAVY]
 
 
 def _load_gen_api():
@@ -147,7 +210,7 @@ def test_docstring_to_markdown_sections_and_code():
 
 
 def test_german_credit_example_model_loads_from_the_command_line():
-    from neutra_flows import cli
+    from neutra_flows.app import cli
 
     target = cli.load_user_model(f"{EXAMPLES / 'precondition_hmc.py'}:model")
     assert target.event_size == 51

@@ -231,7 +231,7 @@ def _no_run(*_args, **_kwargs):
 @pytest.mark.parametrize("command", [["bench", "banana"], ["sample", "no_such_model.py:model"]])
 @pytest.mark.parametrize("where", ["file", "under_file", "flow_is_file"])
 def test_unusable_out_fails_before_any_work(command, where, tmp_path, capsys, monkeypatch):
-    from neutra_flows import bench, cli
+    from neutra_flows.app import bench, cli
 
     monkeypatch.setattr(bench, "run_benchmark", _no_run)
     blocker = tmp_path / "results"

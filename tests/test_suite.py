@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from neutra_flows.bench import BenchResult
-from neutra_flows.suite import SUITE_MODELS, suite_table_markdown
+from neutra_flows.app.bench import BenchResult
+from neutra_flows.app.suite import SUITE_MODELS, suite_table_markdown
 
 
 def _table(nuts_rhat: float) -> pd.DataFrame:
@@ -54,7 +54,7 @@ def test_suite_table_marks_lower_bounds_missed_goals_and_failures():
 
 
 def test_suite_covers_every_posteriordb_model_and_the_built_ins_with_a_truth():
-    from neutra_flows.bench import BENCHMARKS
+    from neutra_flows.app.bench import BENCHMARKS
     from neutra_flows.models.posteriordb import POSTERIORDB_MODELS
 
     assert set(POSTERIORDB_MODELS) <= set(SUITE_MODELS)

@@ -11,7 +11,7 @@
 ``neutra-flows suite [--models NAME ...] --out DIR``
     NeuTra and NUTS on every real model of the suite (posteriordb and the
     built-in targets), one table (markdown and JSON) and one figure, with a
-    progress line per model (:mod:`neutra_flows.suite`).
+    progress line per model (:mod:`neutra_flows.app.suite`).
 ``neutra-flows list``
     the built-in targets and flows.
 
@@ -30,10 +30,6 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-# TensorFlow's C++ start-up chatter (CUDA probing, XLA banners) is noise on a
-# command line; set before TensorFlow is first imported.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __all__ = ["build_parser", "check_out_folder", "main", "parse_flow_options"]
 
@@ -89,7 +85,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from neutra_flows.bench import BENCHMARKS
+    from neutra_flows.app.bench import BENCHMARKS
 
     parser = argparse.ArgumentParser(
         prog="neutra-flows",
@@ -188,7 +184,7 @@ def check_out_folder(out: str, subfolders: Sequence[str] = ()) -> None:
 
 
 def _run(args: argparse.Namespace, target: Any) -> int:
-    from neutra_flows.bench import run_benchmark, write_outputs
+    from neutra_flows.app.bench import run_benchmark, write_outputs
 
     flow_options = parse_flow_options(args.flow_option)
     if args.layers is not None:
@@ -242,7 +238,7 @@ def _run(args: argparse.Namespace, target: Any) -> int:
 def _out_subfolders(args: argparse.Namespace) -> list[str]:
     """The folders a run writes under ``--out``: one per flow of a sweep, one per suite model."""
     if args.command == "suite":
-        from neutra_flows.suite import SUITE_MODELS
+        from neutra_flows.app.suite import SUITE_MODELS
 
         return list(args.models or SUITE_MODELS)
     flows = getattr(args, "flow", None)
@@ -250,7 +246,7 @@ def _out_subfolders(args: argparse.Namespace) -> list[str]:
 
 
 def _run_suite(args: argparse.Namespace) -> int:
-    from neutra_flows.suite import run_suite, suite_table_markdown
+    from neutra_flows.app.suite import run_suite, suite_table_markdown
 
     rows = run_suite(args.models, out=args.out, seed=args.seed,
                      log=None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)))
@@ -274,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "list":
-            from neutra_flows.bench import BENCHMARKS
+            from neutra_flows.app.bench import BENCHMARKS
             from neutra_flows.flows import FLOW_NAMES
 
             for name, spec in sorted(BENCHMARKS.items()):

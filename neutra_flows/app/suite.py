@@ -1,6 +1,6 @@
 """The real-model suite behind ``neutra-flows suite``: NeuTra and NUTS on every model, one table.
 
-:func:`run_suite` runs :func:`neutra_flows.bench.run_benchmark` with one protocol
+:func:`run_suite` runs :func:`neutra_flows.app.bench.run_benchmark` with one protocol
 (default settings: an IAF with its whitening stage, ``fit``'s defaults at 2000 x
 256, NeuTra-HMC with ChEES against NUTS with windowed adaptation, 4 chains,
 1000 + 1000) on the posteriordb models of :mod:`neutra_flows.models` and the
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from neutra_flows.bench import _LOWER_BOUND_RHAT, BENCHMARKS, _json_safe, run_benchmark, write_outputs
+from neutra_flows.app.bench import _LOWER_BOUND_RHAT, BENCHMARKS, _json_safe, run_benchmark, write_outputs
 from neutra_flows.models.posteriordb import POSTERIORDB_MODELS
 
 __all__ = ["SUITE_MODELS", "run_suite", "suite_table_markdown"]

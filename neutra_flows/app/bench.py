@@ -11,7 +11,7 @@ the training budget) and the goals it is judged against (the table of issue 5
 and ``docs/benchmarks.md``). :func:`run_benchmark` says for every goal whether
 it was met, so a missed goal is reported, never hidden.
 
-It only composes the public API; the CLI (:mod:`neutra_flows.cli`) is a thin
+It only composes the public API; the CLI (:mod:`neutra_flows.app.cli`) is a thin
 argument parser on top of it.
 """
 
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from neutra_flows import targets as _targets
+from neutra_flows._version import __version__
 from neutra_flows.diagnostics import compare
 from neutra_flows.flows import make_flow
 from neutra_flows.io import save_flow
@@ -285,10 +286,8 @@ def _versions() -> dict[str, str]:
     import tensorflow as tf
     import tensorflow_probability as tfp
 
-    import neutra_flows
-
     return {
-        "neutra_flows": neutra_flows.__version__,
+        "neutra_flows": __version__,
         "python": sys.version.split()[0],
         "tensorflow": tf.__version__,
         "tensorflow_probability": tfp.__version__,
@@ -343,6 +342,113 @@ def _check_reused_baseline(idata: Any, target: Target, settings: Mapping[str, An
         raise ValueError(f"baseline_idata was run with {found}; this benchmark needs {wanted}")
 
 
+def _user_spec(the_target: Target) -> BenchSpec:
+    """The defaults for a target that is not a built-in: judged on correctness when it has a truth."""
+    return BenchSpec(make_target=lambda: the_target, description=the_target.name,
+                     goals=_CORRECT if the_target.ground_truth_mean is not None else ())
+
+
+def _settings(
+    the_target: Target,
+    spec: BenchSpec,
+    *,
+    flow: str | None,
+    flow_options: Mapping[str, Any] | None,
+    kernel: str | None,
+    num_chains: int | None,
+    num_warmup: int | None,
+    num_samples: int | None,
+    train_steps: int | None,
+    batch_size: int | None,
+    learning_rate: float | None,
+    seed: int,
+    baseline: bool,
+    baseline_kernel: str,
+) -> dict[str, Any]:
+    """Every setting of the run (JSON-able): :func:`run_benchmark`'s arguments, else ``spec``'s defaults.
+
+    The benchmark's flow options apply to its own flow only; ``flow_options``
+    are added on top. ``baseline_kernel`` is None when no baseline runs.
+    """
+    flow_name = flow or spec.flow
+    options = dict(spec.flow_options if flow is None or flow == spec.flow else {})
+    options.update(flow_options or {})
+    return {
+        "target": the_target.name,
+        "event_size": int(the_target.event_size),
+        "flow": flow_name,
+        "flow_options": options,
+        "kernel": kernel or spec.kernel,
+        "baseline_kernel": baseline_kernel if baseline else None,
+        "num_chains": num_chains or spec.num_chains,
+        "num_warmup": spec.num_warmup if num_warmup is None else num_warmup,
+        "num_samples": num_samples or spec.num_samples,
+        "train_steps": train_steps or spec.train_steps,
+        "batch_size": batch_size or spec.batch_size,
+        "learning_rate": learning_rate if learning_rate is not None else spec.learning_rate,
+        "seed": int(seed),
+    }
+
+
+def _neutra_label(settings: Mapping[str, Any]) -> str:
+    return f"NeuTra-{settings['flow'].upper()}-{settings['kernel'].upper()}"
+
+
+def _train(the_target: Target, settings: Mapping[str, Any], *, progress: bool,
+           say: Callable[[str], None]) -> Any:
+    """Phase 1: a fresh flow fitted to ``the_target`` by VI with seed ``settings["seed"]``."""
+    say(f"target {the_target.name} (d={the_target.event_size}); flow {settings['flow']}; "
+        f"NeuTra kernel {settings['kernel']}")
+    flow_obj = make_flow(settings["flow"], the_target.event_size, dtype=the_target.dtype,
+                         **settings["flow_options"])
+    fit_kwargs: dict[str, Any] = dict(num_steps=settings["train_steps"],
+                                      batch_size=settings["batch_size"], seed=settings["seed"],
+                                      progress=progress)
+    if settings["learning_rate"] is not None:
+        fit_kwargs["learning_rate"] = settings["learning_rate"]
+    fit_result = fit(the_target, flow_obj, **fit_kwargs)
+    say(fit_result.summary())
+    return fit_result
+
+
+def _sample_runs(the_target: Target, fit_result: Any, settings: Mapping[str, Any], *, baseline_idata: Any,
+                 progress: bool) -> dict[str, Any]:
+    """Phase 2: ``{label: InferenceData}``, NeuTra first (seed + 1), then the baseline (seed + 2).
+
+    A given ``baseline_idata`` is used instead of running the baseline again;
+    without a baseline kernel there is no baseline row.
+    """
+    common = dict(num_chains=settings["num_chains"], num_warmup=settings["num_warmup"],
+                  num_samples=settings["num_samples"], progress=progress)
+    seed, baseline_kernel = settings["seed"], settings["baseline_kernel"]
+    idatas = {_neutra_label(settings): sample(the_target, fit_result, kernel=settings["kernel"],
+                                              seed=seed + 1, **common)}
+    if baseline_kernel is not None:
+        if baseline_idata is None:
+            baseline_idata = sample(the_target, None, kernel=baseline_kernel, seed=seed + 2, **common)
+        idatas[baseline_kernel.upper()] = baseline_idata
+    return idatas
+
+
+def _judge(table: Any, idatas: Mapping[str, Any], the_target: Target, spec: BenchSpec,
+           settings: Mapping[str, Any]) -> list[tuple[str, bool | None]]:
+    """Phase 3: ``[(description, met)]`` for each of ``spec``'s goals on the comparison table.
+
+    Bias and std goals are judged on ``spec.focus``'s coordinates when it names some.
+    """
+    rows = {label: table.loc[label].to_dict() for label in table.index}
+    neutra_label = _neutra_label(settings)
+    neutra_row = dict(rows[neutra_label])
+    if spec.focus and the_target.ground_truth_mean is not None:
+        neutra_row.update(_focus_figures(idatas[neutra_label], the_target, spec.focus))
+    baseline_kernel = settings["baseline_kernel"]
+    base_row = rows.get(baseline_kernel.upper()) if baseline_kernel is not None else None
+    focus_note = ("" if not spec.focus else
+                  " on " + ", ".join(f"{n}{list(i)}" for n, i in spec.focus.items()))
+    return [(g.describe() + (focus_note if g.kind in ("bias", "std") else ""),
+             g.check(neutra_row, base_row)) for g in spec.goals]
+
+
 def run_benchmark(
     target: str | Target,
     *,
@@ -389,63 +495,18 @@ def run_benchmark(
     """
     say = log or (lambda _msg: None)
     the_target, spec = resolve_target(target)
-    spec = spec or BenchSpec(make_target=lambda: the_target, description=the_target.name,
-                             goals=_CORRECT if the_target.ground_truth_mean is not None else ())
-    flow_name = flow or spec.flow
-    options = dict(spec.flow_options if flow is None or flow == spec.flow else {})
-    options.update(flow_options or {})
-    settings = {
-        "target": the_target.name,
-        "event_size": int(the_target.event_size),
-        "flow": flow_name,
-        "flow_options": options,
-        "kernel": kernel or spec.kernel,
-        "baseline_kernel": baseline_kernel if baseline else None,
-        "num_chains": num_chains or spec.num_chains,
-        "num_warmup": spec.num_warmup if num_warmup is None else num_warmup,
-        "num_samples": num_samples or spec.num_samples,
-        "train_steps": train_steps or spec.train_steps,
-        "batch_size": batch_size or spec.batch_size,
-        "learning_rate": learning_rate if learning_rate is not None else spec.learning_rate,
-        "seed": int(seed),
-    }
+    spec = spec or _user_spec(the_target)
+    settings = _settings(the_target, spec, flow=flow, flow_options=flow_options, kernel=kernel,
+                         num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
+                         train_steps=train_steps, batch_size=batch_size, learning_rate=learning_rate,
+                         seed=seed, baseline=baseline, baseline_kernel=baseline_kernel)
     if baseline and baseline_idata is not None:
         _check_reused_baseline(baseline_idata, the_target, settings)  # before any training
-    say(f"target {the_target.name} (d={the_target.event_size}); flow {flow_name}; "
-        f"NeuTra kernel {settings['kernel']}")
-    flow_obj = make_flow(flow_name, the_target.event_size, dtype=the_target.dtype, **options)
-    fit_kwargs: dict[str, Any] = dict(num_steps=settings["train_steps"],
-                                      batch_size=settings["batch_size"], seed=int(seed),
-                                      progress=progress)
-    if settings["learning_rate"] is not None:
-        fit_kwargs["learning_rate"] = settings["learning_rate"]
-    fit_result = fit(the_target, flow_obj, **fit_kwargs)
-    say(fit_result.summary())
-    common = dict(num_chains=settings["num_chains"], num_warmup=settings["num_warmup"],
-                  num_samples=settings["num_samples"], progress=progress)
-    neutra_label = f"NeuTra-{flow_name.upper()}-{settings['kernel'].upper()}"
-    idatas = {neutra_label: sample(the_target, fit_result, kernel=settings["kernel"],
-                                   seed=int(seed) + 1, **common)}
-    if baseline:
-        base_label = baseline_kernel.upper()
-        if baseline_idata is None:
-            baseline_idata = sample(the_target, None, kernel=baseline_kernel, seed=int(seed) + 2,
-                                    **common)
-        idatas[base_label] = baseline_idata
+    fit_result = _train(the_target, settings, progress=progress, say=say)
+    idatas = _sample_runs(the_target, fit_result, settings, baseline_idata=baseline_idata, progress=progress)
     table = compare(idatas)
-    rows = {label: table.loc[label].to_dict() for label in table.index}
-    neutra_row = dict(rows[neutra_label])
-    if spec.focus and the_target.ground_truth_mean is not None:
-        neutra_row.update(_focus_figures(idatas[neutra_label], the_target, spec.focus))
-    base_row = rows.get(baseline_kernel.upper()) if baseline else None
-    focus_note = ("" if not spec.focus else
-                  " on " + ", ".join(f"{n}{list(i)}" for n, i in spec.focus.items()))
-    goals = [(g.describe() + (focus_note if g.kind in ("bias", "std") else ""),
-              g.check(neutra_row, base_row)) for g in spec.goals]
-    result = BenchResult(table=table, goals=goals, fit=fit_result, idatas=idatas,
-                         settings=settings)
-    result.target = the_target
-    result.view = spec.view
+    result = BenchResult(table=table, goals=_judge(table, idatas, the_target, spec, settings), fit=fit_result,
+                         idatas=idatas, settings=settings, target=the_target, view=spec.view)
     if out is not None:
         write_outputs(result, out)
     return result
@@ -458,10 +519,6 @@ def write_outputs(result: BenchResult, out: str | os.PathLike) -> list[str]:
     than losing the measured figures. Returns the paths written (also stored in
     ``result.files``).
     """
-    from neutra_flows import plots
-
-    target, view = result.target, result.view
-
     os.makedirs(out, exist_ok=True)
     files = []
 
@@ -470,7 +527,22 @@ def write_outputs(result: BenchResult, out: str | os.PathLike) -> list[str]:
         files.append(p)
         return p
 
-    fit_result = result.fit
+    plot_errors = _save_figures(result, path, files)
+    with open(path("results.json"), "w") as fh:
+        json.dump(_json_safe(_results_payload(result, plot_errors)), fh, indent=2)
+    for label, idata in result.idatas.items():
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+        idata.to_netcdf(path(f"{safe}.nc"), engine="h5netcdf")
+    save_flow(result.fit.flow, path("flow"), overwrite=True)
+    result.files = files
+    return files
+
+
+def _save_figures(result: BenchResult, path: Callable[[str], str], files: list[str]) -> dict[str, str]:
+    """Saves the four PNG plots; returns ``{file name: error}`` for those that failed (not in ``files``)."""
+    from neutra_flows import plots
+
+    target, view, fit_result = result.target, result.view, result.fit
     figures = {
         "draws.png": lambda: plots.plot_draws_2d(result.idatas, target=target, coords=view),
         "trace.png": lambda: plots.plot_trace(next(iter(result.idatas.values())),
@@ -492,7 +564,13 @@ def write_outputs(result: BenchResult, out: str | os.PathLike) -> list[str]:
         except Exception as err:  # noqa: BLE001 - a picture must not cost the figures
             files.pop()
             plot_errors[name] = f"{type(err).__name__}: {err}"
-    payload = {
+    return plot_errors
+
+
+def _results_payload(result: BenchResult, plot_errors: Mapping[str, str]) -> dict[str, Any]:
+    """What results.json holds: the settings, the table, the goals, the fit, versions and machine."""
+    fit_result = result.fit
+    return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": result.settings,
         "table": {label: result.table.loc[label].to_dict() for label in result.table.index},
@@ -509,13 +587,5 @@ def write_outputs(result: BenchResult, out: str | os.PathLike) -> list[str]:
         },
         "versions": _versions(),
         "machine": _machine(),
-        "plot_errors": plot_errors,
+        "plot_errors": dict(plot_errors),
     }
-    with open(path("results.json"), "w") as fh:
-        json.dump(_json_safe(payload), fh, indent=2)
-    for label, idata in result.idatas.items():
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-        idata.to_netcdf(path(f"{safe}.nc"), engine="h5netcdf")
-    save_flow(fit_result.flow, path("flow"), overwrite=True)
-    result.files = files
-    return files
