@@ -15,7 +15,7 @@ corr = np.eye(3)
 corr[0, 1] = corr[1, 0] = -0.99
 cov = corr * np.outer(sd, sd)
 mean = np.array([10.0, 0.5, -1.0])
-target = nf.targets._gaussian_target(mean, np.linalg.cholesky(cov), "badly_scaled", tf.float32)
+target = nf.models.GaussianTarget(mean, np.linalg.cholesky(cov), name="badly_scaled", dtype=tf.float32)
 flow = nf.make_flow("iaf", 3)
 result = nf.fit(target, flow, num_steps=2000, batch_size=256, seed=0, progress=False)
 print(result.summary())

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import neutra_flows as nf  # noqa: E402
-from neutra_flows import targets  # noqa: E402
+from neutra_flows import models  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
-    target = targets.banana(args.dims)
+    target = models.banana(args.dims)
     flow = nf.make_flow("iaf", target.event_size, num_layers=2, hidden_units=[16, 16])
     start = time.perf_counter()
     fit = nf.fit(target, flow, num_steps=args.train_steps, batch_size=256, seed=args.seed, progress=False,

@@ -66,14 +66,14 @@ def main() -> None:
         tf.config.experimental.set_memory_growth(gpu, True)
     warnings.simplefilter("ignore")
     import neutra_flows as nf
-    from neutra_flows import targets
+    from neutra_flows import models
 
     device = "GPU:0"
     report: dict = dict(gpus=[g.name for g in gpus], tensorflow=tf.__version__,
                         details=[tf.config.experimental.get_device_details(g) for g in gpus])
     print(f"gpu_check: {len(gpus)} GPU(s): {report['details']}")
 
-    target = targets.neals_funnel(10)
+    target = models.neals_funnel(10)
     flow = nf.make_flow("iaf", target.event_size)
     for v in flow.trainable_variables:
         if "GPU" not in v.device.upper():

@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pandas as pd  # noqa: E402
 
 import neutra_flows as nf  # noqa: E402
-from neutra_flows import targets  # noqa: E402
+from neutra_flows import models  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["banana", "funnel"])
     parser.add_argument("--no-nuts-neutra", action="store_true")
     args = parser.parse_args()
-    builders = {"banana": lambda: targets.banana(), "funnel": lambda: targets.neals_funnel(10)}
+    builders = {"banana": lambda: models.banana(), "funnel": lambda: models.neals_funnel(10)}
     pd.set_option("display.width", 250)
     pd.set_option("display.max_columns", 30)
     for name in args.targets:

@@ -47,6 +47,7 @@ API_MD = Path(__file__).resolve().parent / "api.md"
 MODULES = (
     ("neutra_flows", "The top-level API (`import neutra_flows as nf`)"),
     ("neutra_flows.targets", "Targets"),
+    ("neutra_flows.models", "Built-in targets and models"),
     ("neutra_flows.bijectors", "Flow bijectors"),
     ("neutra_flows.diagnostics", "Diagnostics"),
     ("neutra_flows.plots", "Plots"),

@@ -15,7 +15,7 @@ posterior has funnels that make plain NUTS take long trajectories. The script
 1. writes the model as a ``tfd.JointDistributionNamed`` and pins the labels;
 2. wraps it with ``nf.Target.from_joint_distribution`` (scales are unconstrained
    by TFP's default event-space bijector, softplus, so the sampler works on
-   R^51; the built-in ``nf.targets.german_credit_sparse_logistic_regression()``
+   R^51; the built-in ``nf.models.german_credit_sparse_logistic_regression()``
    is the same model with ``exp`` instead, as in the NeuTra paper);
 3. trains an IAF by VI with ``nf.fit`` and prints its ELBO and PSIS k-hat;
 4. samples with NeuTra (HMC whose trajectory length is adapted by ChEES in the

@@ -4,8 +4,8 @@ The public API:
 
 * flows: :func:`make_flow`, :data:`FLOW_NAMES`, :func:`save_flow`, :func:`load_flow`
   and the bijector classes in :mod:`neutra_flows.bijectors`;
-* targets: :class:`Target`, the built-ins in :mod:`neutra_flows.targets` and the
-  real models with reference posteriors in :mod:`neutra_flows.models`;
+* targets: :class:`Target`; the built-ins in :mod:`neutra_flows.models`, textbook
+  targets with exact truth and real models with reference posteriors;
 * variational inference: :func:`fit` (with its whitening stage,
   :mod:`neutra_flows.whitening`), :func:`fit_to_data`, :class:`FitResult`;
 * NeuTra sampling: :class:`NeuTraKernel`, :func:`sample`;

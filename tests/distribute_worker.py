@@ -16,7 +16,7 @@ import sys
 def _flow_and_target(strategy, d=3):
     import neutra_flows as nf
 
-    target = nf.targets.banana(d) if d >= 2 else None
+    target = nf.models.banana(d) if d >= 2 else None
     with strategy.scope() if strategy is not None else _null():
         flow = nf.make_flow("iaf", d, num_layers=2, hidden_units=[8], seed=3)
     return target, flow

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neutra_flows import targets
+from neutra_flows import models
 from neutra_flows.diagnostics import COMPARE_COLUMNS, compare
 
 CHAINS, DRAWS = 4, 1000
@@ -125,7 +125,7 @@ def test_ground_truth_figures():
 
 
 def test_ground_truth_from_target_and_from_attrs():
-    target = targets.correlated_gaussian(3, 0.0)
+    target = models.correlated_gaussian(3, 0.0)
     x = iid_normal(seed=3)
     from_target = compare({"r": with_attrs({"x": x})}, ground_truth=target)
     stored = json.dumps({"mean": {"x": [0.0] * 3}, "std": {"x": [1.0] * 3}})

@@ -21,7 +21,7 @@ import pytest
 import tensorflow as tf
 
 import neutra_flows as nf
-from neutra_flows import targets
+from neutra_flows import models
 
 WORKER = Path(__file__).with_name("distribute_worker.py")
 ROOT = WORKER.parent.parent
@@ -118,7 +118,7 @@ def _identity_flow(d):
 
 
 def test_thin_keeps_every_kth_draw():
-    target = targets.banana(2)
+    target = models.banana(2)
     flow = _identity_flow(2)
     kw = dict(kernel="hmc", num_leapfrog_steps=3, num_chains=2, num_warmup=4, seed=3, progress=False,
               jit_compile=False, adapt_latent_scale=False)
@@ -135,12 +135,12 @@ def test_thin_keeps_every_kth_draw():
 
 def test_thin_must_divide_num_samples():
     with pytest.raises(ValueError, match="multiple of thin"):
-        nf.sample(targets.banana(2), _identity_flow(2), num_samples=10, thin=3, seed=1, progress=False)
+        nf.sample(models.banana(2), _identity_flow(2), num_samples=10, thin=3, seed=1, progress=False)
 
 
 def test_trace_too_large_is_refused_with_the_estimate():
     with pytest.raises(ValueError, match=r"about 1\.01 GiB .*10000 chains x 1000 kept draws.*thin="):
-        nf.sample(targets.neals_funnel(10), _identity_flow(10), num_chains=10_000, num_samples=1000,
+        nf.sample(models.neals_funnel(10), _identity_flow(10), num_chains=10_000, num_samples=1000,
                   max_trace_bytes=2**30, seed=1, progress=False)
     # Thinning brings it under the limit: the guard passes (the run itself is not made here).
     nf.mcmc._check_trace_size(10_000, 1000, 10, 10, tf.float32, 2**30)
@@ -148,7 +148,7 @@ def test_trace_too_large_is_refused_with_the_estimate():
 
 def test_strategy_refusals_in_process():
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    target = targets.banana(2)
+    target = models.banana(2)
     flow = nf.make_flow("iaf", 2, num_layers=1, hidden_units=[4])
     with pytest.raises(ValueError, match=r"(?s)created outside this strategy's scope.*with strategy.scope\(\)"):
         nf.sample(target, flow, kernel="hmc", num_chains=2, num_warmup=2, num_samples=2, seed=1,

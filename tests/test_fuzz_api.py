@@ -100,7 +100,7 @@ def test_make_flow_options(name, event_size, options):
 
 @pytest.fixture(scope="module")
 def tiny():
-    target = nf.targets.correlated_gaussian(2, 0.5)
+    target = nf.models.correlated_gaussian(2, 0.5)
     return target, nf.make_flow("affine_diag", 2)
 
 

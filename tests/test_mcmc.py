@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from neutra_flows import Target, make_flow, targets
+from neutra_flows import Target, make_flow, models
 from neutra_flows._utils import split_seed
 from neutra_flows.mcmc import NeuTraKernel, sample
 
@@ -107,7 +107,7 @@ def check_truth(idata, target, *, names=None, z_max=4.0, std_tol=0.10, rhat_max=
 
 @pytest.fixture(scope="module")
 def gaussian():
-    target = targets.correlated_gaussian(3, 0.9, mean=[1.0, -2.0, 0.5], scale=[1.0, 2.0, 0.5])
+    target = models.correlated_gaussian(3, 0.9, mean=[1.0, -2.0, 0.5], scale=[1.0, 2.0, 0.5])
     return target, affine_flow(target)
 
 
@@ -244,7 +244,7 @@ def test_user_init_state_is_pulled_back(gaussian):
 
 
 def test_banana_float64_nuts_matches_truth():
-    target = targets.banana(dtype=tf.float64)
+    target = models.banana(dtype=tf.float64)
     idata = sample(
         target,
         BananaFlow(0.03, dtype=tf.float64),
@@ -272,7 +272,7 @@ def test_banana_float64_nuts_matches_truth():
 
 
 def test_funnel_10d_no_divergences_and_x0_matches():
-    target = targets.neals_funnel(10)
+    target = models.neals_funnel(10)
     # A flow that gets the funnel's neck right but x0's scale wrong (2.5 vs 3).
     idata = sample(
         target,
@@ -292,7 +292,7 @@ def test_log_det_sign_pulled_back_density_is_standard_normal():
     # NumPyro issue 340: with the exact funnel flow the pulled-back density
     # log p(f(u)) + log|det f'(u)| is exactly N(0, I); the opposite sign would be
     # off by 2 log|det f'(u)|, which varies with u0.
-    target = targets.neals_funnel(5, dtype=tf.float64)
+    target = models.neals_funnel(5, dtype=tf.float64)
     kernel = NeuTraKernel(target, FunnelFlow(dtype=tf.float64), kernel="nuts", num_adaptation_steps=0)
     u = tf.random.stateless_normal([6, 5], seed=[1, 2], dtype=tf.float64) * 1.5
     results = kernel.bootstrap_results(transformed_init_state=u)
@@ -337,7 +337,7 @@ def test_kernel_in_sample_chain_equals_sample(gaussian):
 def test_latent_scale_window_absorbs_a_flow_that_is_too_narrow():
     # A flow that maps N(0, I) to a quarter of the target's scale: the window
     # must find a latent scale near 4 on every coordinate, and the draws stay right.
-    target = targets.correlated_gaussian(3, 0.0, scale=[1.0, 2.0, 0.5], dtype=tf.float64)
+    target = models.correlated_gaussian(3, 0.0, scale=[1.0, 2.0, 0.5], dtype=tf.float64)
     flow = make_flow("affine_diag", 3, dtype=tf.float64)
     flow.layers[0].log_scale.assign(np.log([0.25, 0.5, 0.125]))
     idata = sample(target, flow, kernel="hmc", num_chains=4, num_warmup=400, num_samples=500, seed=3,
@@ -355,7 +355,7 @@ def test_latent_scale_window_absorbs_a_flow_that_is_too_narrow():
 
 
 def test_rhat_warning_names_the_variable():
-    target = targets.correlated_gaussian(2, 0.0, dtype=tf.float64)
+    target = models.correlated_gaussian(2, 0.0, dtype=tf.float64)
     flow = make_flow("affine_diag", 2, dtype=tf.float64)
     # Two chains far apart that cannot mix in 30 steps of a tiny step size.
     z0 = np.array([[-30.0, 0.0], [30.0, 0.0]])
@@ -365,7 +365,7 @@ def test_rhat_warning_names_the_variable():
 
 
 def test_baseline_nuts_windowed_adaptation():
-    target = targets.correlated_gaussian(2, 0.3, scale=[1.0, 3.0])
+    target = models.correlated_gaussian(2, 0.3, scale=[1.0, 3.0])
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         # Graph mode: XLA-compiling the windowed adaptation costs more than this short run.
@@ -388,7 +388,7 @@ def test_baseline_nuts_windowed_adaptation():
 
 
 def test_divergent_run_returns_and_warns():
-    target = targets.correlated_gaussian(2, 0.0)
+    target = models.correlated_gaussian(2, 0.0)
     with pytest.warns(RuntimeWarning, match="diverged"):
         idata = sample(
             target,
@@ -423,7 +423,7 @@ def _nan_outside(width: float) -> Target:
 
 
 def test_bad_inputs_raise_value_error():
-    target = targets.correlated_gaussian(2, 0.5)
+    target = models.correlated_gaussian(2, 0.5)
     wrong = tfb.ScaleMatvecTriL(tf.eye(3))
     with pytest.raises(ValueError, match="event size"):
         sample(target, wrong, num_chains=2, seed=0, progress=False)
@@ -464,7 +464,7 @@ def test_target_nan_at_starting_draws_raises():
 def test_funnel_10d_trained_iaf_no_divergences():
     from neutra_flows import fit, make_flow
 
-    target = targets.neals_funnel(10)
+    target = models.neals_funnel(10)
     flow = make_flow("iaf", 10)
     # The NeuTra paper's budget (batch 1024, 5000 steps). With 3000 steps of batch 512
     # the IAF's tails stay steep enough for a few divergences per 16000 transitions.
@@ -481,7 +481,7 @@ def test_funnel_10d_trained_iaf_no_divergences():
 def test_banana_trained_iaf_matches_truth():
     from neutra_flows import fit, make_flow
 
-    target = targets.banana()
+    target = models.banana()
     result = fit(target, make_flow("iaf", 2), num_steps=2000, batch_size=512, seed=0, progress=False)
     with warnings.catch_warnings():
         # A handful of divergences at the flow's tails is expected; the truth must hold.

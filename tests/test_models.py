@@ -1,8 +1,11 @@
-"""The posteriordb models against independent numpy/scipy translations of their Stan programs.
+"""The built-in targets of neutra_flows.models against independent computations.
 
-Each Stan program is re-translated here by hand, point by point with plain loops
-where Stan loops, together with Stan's unconstraining transforms and their
-log-Jacobians. The target's log density must differ from it by one constant.
+Textbook targets: ground truth against closed forms, quadrature and exact
+samplers with MCSE-based tolerances. posteriordb models: against numpy/scipy
+translations of their Stan programs, re-translated here by hand, point by point
+with plain loops where Stan loops, together with Stan's unconstraining
+transforms and their log-Jacobians; the target's log density must differ from
+it by one constant.
 """
 
 import importlib.resources
@@ -15,8 +18,11 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from neutra_flows import targets
+from neutra_flows import Target, models
+from neutra_flows.models.german_credit import load_german_credit
 from neutra_flows.models.posteriordb import POSTERIORDB_MODELS, load_posteriordb
+
+Z_CRIT = 4.0  # two-sided normal quantile for statistical checks (false alarm ~6e-5)
 
 
 def _package_json(name, filename):
@@ -27,6 +33,150 @@ def _package_json(name, filename):
 
 def _norm(y, loc, scale):
     return np.sum(stats.norm.logpdf(y, loc, scale))
+
+
+def _assert_mean_within_mcse(draws, truth, label):
+    draws = np.asarray(draws, np.float64)
+    mcse = draws.std(axis=0) / math.sqrt(draws.shape[0])
+    z = np.abs(draws.mean(axis=0) - truth) / mcse
+    assert np.all(z < Z_CRIT), f"{label}: mean z-scores {z}"
+
+
+def _assert_std_within_mcse(draws, truth, label):
+    # Delta method: se(s) ~= sqrt(Var((x - m)^2)) / (2 s sqrt(n)), valid with finite 4th moments.
+    draws = np.asarray(draws, np.float64)
+    centred = draws - draws.mean(axis=0)
+    s = centred.std(axis=0)
+    se = (centred**2).std(axis=0) / (2 * s * math.sqrt(draws.shape[0]))
+    z = np.abs(s - truth) / se
+    assert np.all(z < Z_CRIT), f"{label}: std z-scores {z}"
+
+
+# -- textbook targets (funnel, banana, Gaussians, eight schools) ------------------------------
+
+
+def test_neals_funnel_ground_truth_by_quadrature_and_sampler():
+    t = models.neals_funnel(ndims=4, dtype=tf.float64)
+    # Var(x_i) = E[exp(x0)] with x0 ~ N(0, 3), by Gauss-Hermite quadrature.
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    e_exp = np.sum(weights * np.exp(3.0 * nodes)) / math.sqrt(2 * math.pi)
+    np.testing.assert_allclose(t.ground_truth_std["x"][1:], math.sqrt(e_exp), rtol=1e-10)
+    np.testing.assert_allclose(t.ground_truth_std["x"][0], 3.0)
+    np.testing.assert_array_equal(t.ground_truth_mean["x"], np.zeros(4))
+    # The exact sampler: x0 ~ N(0, 3) and x_i / exp(x0 / 2) ~ N(0, 1) independently.
+    x = t.sample(20_000, seed=3).numpy()
+    assert x.shape == (20_000, 4)
+    standardised = np.concatenate([x[:, :1] / 3.0, x[:, 1:] / np.exp(x[:, :1] / 2)], axis=1)
+    _assert_mean_within_mcse(standardised, np.zeros(4), "funnel")
+    _assert_std_within_mcse(standardised, np.ones(4), "funnel")
+    # The density is the one in the docstring (independent numpy formula).
+    lp_np = (
+        -0.5 * (x[:, 0] / 3) ** 2
+        - math.log(3.0)
+        - 0.5 * np.sum(x[:, 1:] ** 2 / np.exp(x[:, :1]), axis=1)
+        - 1.5 * x[:, 0]
+        - 2.0 * math.log(2 * math.pi)
+    )
+    np.testing.assert_allclose(t.unnormalized_log_prob(x), lp_np, rtol=1e-10)
+
+
+def test_banana_ground_truth_by_grid_integration():
+    t = models.banana(dtype=tf.float64)
+    x0 = np.linspace(-80.0, 80.0, 801)
+    x1 = np.linspace(-40.0, 200.0, 1201)
+    g0, g1 = np.meshgrid(x0, x1, indexing="ij")
+    pts = np.stack([g0, g1], axis=-1).reshape(-1, 2)
+    dens = np.exp(t.unnormalized_log_prob(pts).numpy()).reshape(g0.shape)
+
+    def integrate(f):
+        return np.trapezoid(np.trapezoid(f, x1, axis=1), x0)
+
+    mass = integrate(dens)
+    np.testing.assert_allclose(mass, 1.0, rtol=1e-6)  # normalised: -ELBO estimates KL
+    m1 = integrate(g1 * dens)
+    v1 = integrate((g1 - m1) ** 2 * dens)
+    np.testing.assert_allclose(t.ground_truth_mean["x"], [0.0, 0.0])
+    np.testing.assert_allclose(m1, t.ground_truth_mean["x"][1], atol=1e-6)
+    np.testing.assert_allclose(math.sqrt(v1), t.ground_truth_std["x"][1], rtol=1e-6)
+    np.testing.assert_allclose(t.ground_truth_std["x"][0], 10.0)
+
+
+def test_banana_sampler_matches_ground_truth_in_higher_dims():
+    t = models.banana(ndims=4, curvature=0.05)
+    x = t.sample(50_000, seed=7).numpy()
+    _assert_mean_within_mcse(x, t.ground_truth_mean["x"], "banana")
+    _assert_std_within_mcse(x, t.ground_truth_std["x"], "banana")
+    np.testing.assert_allclose(t.ground_truth_std["x"][1], math.sqrt(1 + 2 * 0.05**2 * 1e4))
+
+
+def test_correlated_gaussian():
+    t = models.correlated_gaussian(3, 0.6, mean=[1.0, -2.0, 0.0], scale=[1.0, 2.0, 0.5])
+    s = np.array([1.0, 2.0, 0.5])
+    cov = np.array([[1.0, 0.6, 0.6], [0.6, 1.0, 0.6], [0.6, 0.6, 1.0]]) * np.outer(s, s)
+    np.testing.assert_allclose(t.covariance, cov, rtol=1e-12)
+    np.testing.assert_allclose(t.ground_truth_std["x"], s)
+    x = t.sample(20_000, seed=1).numpy().astype(np.float64)
+    _assert_mean_within_mcse(x, [1.0, -2.0, 0.0], "correlated")
+    np.testing.assert_allclose(np.cov(x.T), cov, atol=0.05 * 4)
+    with pytest.raises(ValueError, match="rho"):
+        models.correlated_gaussian(3, -0.6)
+
+
+def test_ill_conditioned_gaussian():
+    t = models.ill_conditioned_gaussian(ndims=20, seed=5, dtype=tf.float64)
+    again = models.ill_conditioned_gaussian(ndims=20, seed=5, dtype=tf.float64)
+    np.testing.assert_array_equal(t.covariance, again.covariance)
+    precision = np.linalg.inv(t.covariance)
+    # As documented: precision eigenvalues are Gamma(0.8, 1) draws from default_rng(seed).
+    lam = np.random.default_rng(5).gamma(0.8, 1.0, size=20)
+    np.testing.assert_allclose(np.linalg.eigvalsh(precision), np.sort(lam), rtol=1e-6)
+    np.testing.assert_allclose(t.ground_truth_std["x"], np.sqrt(np.diag(t.covariance)))
+    x = np.random.default_rng(2).normal(size=[5, 20])
+    _, logdet = np.linalg.slogdet(precision)
+    lp = -0.5 * np.einsum("ni,ij,nj->n", x, precision, x) + 0.5 * logdet - 10 * math.log(2 * math.pi)
+    np.testing.assert_allclose(t.unnormalized_log_prob(x), lp, rtol=1e-8)
+    draws = t.sample(20_000, seed=0).numpy()
+    _assert_std_within_mcse(draws, t.ground_truth_std["x"], "ill-conditioned")
+
+
+def test_gaussian_target_keeps_its_covariance_and_checks_its_arguments():
+    cov = np.array([[4.0, 1.0], [1.0, 1.0]])
+    t = models.GaussianTarget([1.0, -1.0], np.linalg.cholesky(cov), name="g", dtype=tf.float64)
+    assert isinstance(t, Target) and t.name == "g" and t.names == ("x",)
+    np.testing.assert_allclose(t.covariance, cov, rtol=1e-12)
+    t.covariance[0, 0] = 99.0  # a copy: the target's covariance cannot be changed from outside
+    np.testing.assert_allclose(t.covariance, cov, rtol=1e-12)
+    np.testing.assert_allclose(t.ground_truth_std["x"], [2.0, 1.0], rtol=1e-12)
+    with pytest.raises(ValueError, match=r"scale_tril \[d, d\]"):
+        models.GaussianTarget([0.0, 0.0], np.eye(3))
+    with pytest.raises(ValueError, match="positive diagonal"):
+        models.GaussianTarget([0.0, 0.0], -np.eye(2))
+
+
+def test_eight_schools():
+    t = models.eight_schools()
+    assert t.names == ("mu", "tau", "theta") and t.event_size == 10
+    assert t.event_shapes == {"mu": (), "tau": (), "theta": (8,)}
+    z = np.random.default_rng(4).normal(scale=3.0, size=[6, 10]).astype(np.float32)
+    d = t.named_draws(z)
+    assert np.all(d["tau"] > 0) and d["theta"].shape == (6, 8)
+    y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+    sigma = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+    mu, tau, theta = (d[k].astype(np.float64) for k in ("mu", "tau", "theta"))
+
+    def normal_lp(x, m, s):
+        return -0.5 * ((x - m) / s) ** 2 - np.log(s) - 0.5 * math.log(2 * math.pi)
+
+    half_cauchy = math.log(2 / (math.pi * 5)) - np.log1p((tau / 5) ** 2)
+    joint = (
+        normal_lp(mu, 0, 5)
+        + half_cauchy
+        + normal_lp(theta, mu[:, None], tau[:, None]).sum(-1)
+        + normal_lp(y, theta, sigma).sum(-1)
+    )
+    np.testing.assert_allclose(d["tau"], np.exp(z[:, 1]), rtol=1e-6)
+    expected = joint + z[:, 1]  # tau = exp(z_1): log|det| = z_1
+    np.testing.assert_allclose(t.unnormalized_log_prob(z), expected, rtol=1e-4, atol=1e-3)
 
 
 # -- Stan's constrained log densities, written independently ---------------------------------
@@ -309,9 +459,38 @@ def test_jit_compiled_gradients(name):
 # -- German credit ---------------------------------------------------------------------------
 
 
+def test_german_credit():
+    t = models.german_credit_sparse_logistic_regression()
+    assert t.event_size == 51
+    assert t.names == ("global_scale", "local_scales", "unscaled_weights")
+    assert t.event_shapes == {"global_scale": (), "local_scales": (25,), "unscaled_weights": (25,)}
+    assert set(t.ground_truth_mean) == set(t.names) and not t.has_exact_sampler
+    # An independent numpy version of the model and the data preparation.
+    with importlib.resources.files("neutra_flows").joinpath("data/german_credit_numeric.csv").open() as f:
+        raw = np.loadtxt(f, delimiter=",")
+    feats = (raw[:, :-1] - raw[:, :-1].mean(0)) / raw[:, :-1].std(0)
+    feats = np.hstack([feats, np.ones([1000, 1])])
+    labels = raw[:, -1] - 1
+    assert set(np.unique(labels)) == {0.0, 1.0}
+    z = np.random.default_rng(0).normal(scale=0.5, size=[3, 51])
+    g, ls, w = np.exp(z[:, 0]), np.exp(z[:, 1:26]), z[:, 26:]
+
+    def gamma_half_lp(v):  # Gamma(0.5, rate 0.5)
+        return 0.5 * math.log(0.5) - math.lgamma(0.5) - 0.5 * np.log(v) - 0.5 * v
+
+    logits = feats @ (w * ls * g[:, None]).T  # [1000, 3]
+    loglik = np.sum(labels[:, None] * logits - np.logaddexp(0, logits), axis=0)
+    prior = gamma_half_lp(g) + gamma_half_lp(ls).sum(-1) - 0.5 * (w**2).sum(-1) - 12.5 * math.log(2 * math.pi)
+    log_det = z[:, 0] + z[:, 1:26].sum(-1)  # exp for the scales
+    expected = loglik + prior + log_det
+    np.testing.assert_allclose(t.unnormalized_log_prob(z.astype(np.float32)), expected, rtol=2e-4)
+    draws = t.named_draws(z)
+    np.testing.assert_allclose(draws["global_scale"], g, rtol=1e-5)
+
+
 def test_german_credit_softplus_differs_from_exp_by_the_jacobian():
-    t_exp = targets.german_credit_sparse_logistic_regression(dtype=tf.float64)
-    t_sp = targets.german_credit_sparse_logistic_regression(dtype=tf.float64, scale_bijector="softplus")
+    t_exp = models.german_credit_sparse_logistic_regression(dtype=tf.float64)
+    t_sp = models.german_credit_sparse_logistic_regression(dtype=tf.float64, scale_bijector="softplus")
     rng = np.random.default_rng(1)
     x = {
         "global_scale": rng.uniform(0.2, 1.0, [3]),
@@ -329,16 +508,16 @@ def test_german_credit_softplus_differs_from_exp_by_the_jacobian():
 
 
 def test_german_credit_default_is_exp_and_bad_option_raises():
-    t = targets.german_credit_sparse_logistic_regression()
+    t = models.german_credit_sparse_logistic_regression()
     assert t.dtype == tf.float32
     z = np.zeros([1, 51], np.float32)
     np.testing.assert_allclose(t.constrain(z)["global_scale"], [1.0])
     with pytest.raises(ValueError, match="scale_bijector must be one of"):
-        targets.german_credit_sparse_logistic_regression(scale_bijector="relu")
+        models.german_credit_sparse_logistic_regression(scale_bijector="relu")
 
 
 def test_german_credit_ground_truth():
-    t = targets.german_credit_sparse_logistic_regression(scale_bijector="softplus")
+    t = models.german_credit_sparse_logistic_regression(scale_bijector="softplus")
     shapes = {"global_scale": (), "local_scales": (25,), "unscaled_weights": (25,)}
     assert {k: v.shape for k, v in t.ground_truth_mean.items()} == shapes
     assert {k: v.shape for k, v in t.ground_truth_std.items()} == shapes
@@ -346,9 +525,7 @@ def test_german_credit_ground_truth():
     assert t.ground_truth_std["unscaled_weights"][-1] == pytest.approx(0.5773283660916191, rel=1e-6)
     # Orientation (label coding, column order, bias last): a ridge logistic regression on our data
     # has the signs of the ground truth's weights wherever those are clearly non-zero.
-    from neutra_flows.targets import _load_german_credit
-
-    features, labels = _load_german_credit()
+    features, labels = load_german_credit()
     w = np.zeros(25)
     for _ in range(25):
         prob = 1.0 / (1.0 + np.exp(-features @ w))

@@ -254,7 +254,7 @@ def test_unusable_out_fails_before_any_work(command, where, tmp_path, capsys, mo
 
 @pytest.fixture(scope="module")
 def small_fit():
-    t = nf.targets.banana()
+    t = nf.models.banana()
     flow = nf.make_flow("iaf", 2, num_layers=1, hidden_units=[8])
     return nf.fit(t, flow, num_steps=20, batch_size=16, num_diagnostic_draws=64, seed=0, progress=False)
 
@@ -289,7 +289,7 @@ def _result(losses, khat=0.3):
 
 
 def test_zero_steps_summary_is_clean():
-    t = nf.targets.banana()
+    t = nf.models.banana()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         r = nf.fit(t, nf.make_flow("affine_diag", 2), num_steps=0, num_diagnostic_draws=256, seed=0,

@@ -1,8 +1,8 @@
-"""Tests for neutra_flows.targets: the Target contract and the built-in targets.
+"""Tests for neutra_flows.targets: the Target contract, its layouts and its checks.
 
-Ground truth is checked against independent computations (closed forms,
-quadrature, exact samplers with MCSE-based tolerances), never against code
-under test in another module.
+Densities are checked against independent computations (closed forms, autodiff
+log-determinants), never against code under test in another module. The
+built-in targets are tested in test_models.py.
 """
 
 from __future__ import annotations
@@ -14,34 +14,14 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from neutra_flows import targets
 from neutra_flows.targets import Target
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
-Z_CRIT = 4.0  # two-sided normal quantile for statistical checks (false alarm ~6e-5)
-
 
 def _std_normal_lp(x):
     return tf.reduce_sum(-0.5 * tf.square(x) - 0.5 * math.log(2 * math.pi), axis=-1)
-
-
-def _assert_mean_within_mcse(draws, truth, label):
-    draws = np.asarray(draws, np.float64)
-    mcse = draws.std(axis=0) / math.sqrt(draws.shape[0])
-    z = np.abs(draws.mean(axis=0) - truth) / mcse
-    assert np.all(z < Z_CRIT), f"{label}: mean z-scores {z}"
-
-
-def _assert_std_within_mcse(draws, truth, label):
-    # Delta method: se(s) ~= sqrt(Var((x - m)^2)) / (2 s sqrt(n)), valid with finite 4th moments.
-    draws = np.asarray(draws, np.float64)
-    centred = draws - draws.mean(axis=0)
-    s = centred.std(axis=0)
-    se = (centred**2).std(axis=0) / (2 * s * math.sqrt(draws.shape[0]))
-    z = np.abs(s - truth) / se
-    assert np.all(z < Z_CRIT), f"{label}: std z-scores {z}"
 
 
 def _flat_log_det(target, z):
@@ -179,6 +159,71 @@ def test_other_bad_arguments():
         Target(_std_normal_lp, 2, ground_truth_mean=np.zeros(3))
     with pytest.raises(ValueError, match="keys"):
         Target(_std_normal_lp, 2, ground_truth_std={"y": np.ones(2)})
+
+
+# -- structured targets: several variables ------------------------------------------------
+
+
+def _dict_lp(x):
+    return _std_normal_lp(x["loc"]) - x["rate"]
+
+
+def test_structured_target_from_the_constructor():
+    t = Target(
+        _dict_lp,
+        {"loc": [2], "rate": []},
+        {"loc": tf.float64, "rate": tf.float64},
+        tfb.JointMap({"loc": tfb.Identity(), "rate": tfb.Exp()}),
+        ground_truth_mean={"loc": [0.0, 0.0], "rate": 1.0},
+    )
+    assert t.names == ("loc", "rate") and t.event_shapes == {"loc": (2,), "rate": ()}
+    assert t.event_size == 3 and t.dtype == tf.float64
+    z = np.array([[0.1, -0.2, 0.7], [1.0, 2.0, -3.0]])
+    # Flat order: variables in tf.nest order (sorted keys), each flattened.
+    expected = _std_normal_lp(z[:, :2]) - np.exp(z[:, 2]) + z[:, 2]
+    np.testing.assert_allclose(t.unnormalized_log_prob(z), expected, rtol=1e-12)
+    draws = t.named_draws(z)
+    np.testing.assert_allclose(draws["rate"], np.exp(z[:, 2]), rtol=1e-12)
+    np.testing.assert_allclose(t.unconstrain(draws), z, rtol=1e-12)
+    assert t.ground_truth_mean["rate"].shape == ()
+
+
+def test_structured_target_without_bijector_is_the_identity():
+    t = Target(lambda x: _std_normal_lp(x[0]) + _std_normal_lp(x[1]), [[2], [1]], [tf.float32, tf.float32])
+    assert t.names == ("x0", "x1") and t.event_size == 3
+    z = np.array([[0.5, -1.0, 2.0]], np.float32)
+    np.testing.assert_allclose(t.unnormalized_log_prob(z), _std_normal_lp(z), rtol=1e-6)
+    np.testing.assert_array_equal(t.named_draws(z)["x1"], z[:, 2:])
+
+
+def test_structured_target_bad_arguments():
+    dtype = {"loc": tf.float32, "rate": tf.float32}
+    with pytest.raises(ValueError, match="one float dtype"):
+        Target(_dict_lp, {"loc": [2], "rate": []}, {"loc": tf.float32, "rate": tf.float64})
+    with pytest.raises(ValueError, match=r"one name per variable \(2\), got 3"):
+        Target(_dict_lp, {"loc": [2], "rate": []}, dtype, names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="unique"):
+        Target(_dict_lp, {"loc": [2], "rate": []}, dtype, names=["a", "a"])
+    with pytest.raises(ValueError, match="constraining_bijector"):
+        Target(_dict_lp, {"loc": [2], "rate": []}, dtype, constraining_bijector={"rate": tfb.Exp()})
+
+
+def test_targets_module_imports_nothing_above_it():
+    # Data flows one way: targets (and its layout and checks) sit below models, vi and mcmc.
+    import ast
+    import importlib.util
+
+    allowed = {"neutra_flows", "neutra_flows._utils", "neutra_flows._layout", "neutra_flows._checks"}
+    for module in ("neutra_flows.targets", "neutra_flows._layout", "neutra_flows._checks"):
+        tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("neutra_flows"):
+                assert node.module in allowed, f"{module} imports {node.module}"
+                if node.module == "neutra_flows":
+                    names = {a.name for a in node.names}
+                    assert names <= {"_checks", "_layout"}, f"{module} imports {names}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("neutra_flows") for a in node.names), module
 
 
 # -- joint distributions and inference_gym-like models ------------------------------------
@@ -328,149 +373,3 @@ def test_from_inference_gym_rejects_incomplete_model():
 
     with pytest.raises(ValueError, match="lacks"):
         Target.from_inference_gym(Incomplete())
-
-
-# -- built-in targets: exact ground truth -------------------------------------------------
-
-
-def test_neals_funnel_ground_truth_by_quadrature_and_sampler():
-    t = targets.neals_funnel(ndims=4, dtype=tf.float64)
-    # Var(x_i) = E[exp(x0)] with x0 ~ N(0, 3), by Gauss-Hermite quadrature.
-    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
-    e_exp = np.sum(weights * np.exp(3.0 * nodes)) / math.sqrt(2 * math.pi)
-    np.testing.assert_allclose(t.ground_truth_std["x"][1:], math.sqrt(e_exp), rtol=1e-10)
-    np.testing.assert_allclose(t.ground_truth_std["x"][0], 3.0)
-    np.testing.assert_array_equal(t.ground_truth_mean["x"], np.zeros(4))
-    # The exact sampler: x0 ~ N(0, 3) and x_i / exp(x0 / 2) ~ N(0, 1) independently.
-    x = t.sample(20_000, seed=3).numpy()
-    assert x.shape == (20_000, 4)
-    standardised = np.concatenate([x[:, :1] / 3.0, x[:, 1:] / np.exp(x[:, :1] / 2)], axis=1)
-    _assert_mean_within_mcse(standardised, np.zeros(4), "funnel")
-    _assert_std_within_mcse(standardised, np.ones(4), "funnel")
-    # The density is the one in the docstring (independent numpy formula).
-    lp_np = (
-        -0.5 * (x[:, 0] / 3) ** 2
-        - math.log(3.0)
-        - 0.5 * np.sum(x[:, 1:] ** 2 / np.exp(x[:, :1]), axis=1)
-        - 1.5 * x[:, 0]
-        - 2.0 * math.log(2 * math.pi)
-    )
-    np.testing.assert_allclose(t.unnormalized_log_prob(x), lp_np, rtol=1e-10)
-
-
-def test_banana_ground_truth_by_grid_integration():
-    t = targets.banana(dtype=tf.float64)
-    x0 = np.linspace(-80.0, 80.0, 801)
-    x1 = np.linspace(-40.0, 200.0, 1201)
-    g0, g1 = np.meshgrid(x0, x1, indexing="ij")
-    pts = np.stack([g0, g1], axis=-1).reshape(-1, 2)
-    dens = np.exp(t.unnormalized_log_prob(pts).numpy()).reshape(g0.shape)
-
-    def integrate(f):
-        return np.trapezoid(np.trapezoid(f, x1, axis=1), x0)
-
-    mass = integrate(dens)
-    np.testing.assert_allclose(mass, 1.0, rtol=1e-6)  # normalised: -ELBO estimates KL
-    m1 = integrate(g1 * dens)
-    v1 = integrate((g1 - m1) ** 2 * dens)
-    np.testing.assert_allclose(t.ground_truth_mean["x"], [0.0, 0.0])
-    np.testing.assert_allclose(m1, t.ground_truth_mean["x"][1], atol=1e-6)
-    np.testing.assert_allclose(math.sqrt(v1), t.ground_truth_std["x"][1], rtol=1e-6)
-    np.testing.assert_allclose(t.ground_truth_std["x"][0], 10.0)
-
-
-def test_banana_sampler_matches_ground_truth_in_higher_dims():
-    t = targets.banana(ndims=4, curvature=0.05)
-    x = t.sample(50_000, seed=7).numpy()
-    _assert_mean_within_mcse(x, t.ground_truth_mean["x"], "banana")
-    _assert_std_within_mcse(x, t.ground_truth_std["x"], "banana")
-    np.testing.assert_allclose(t.ground_truth_std["x"][1], math.sqrt(1 + 2 * 0.05**2 * 1e4))
-
-
-def test_correlated_gaussian():
-    t = targets.correlated_gaussian(3, 0.6, mean=[1.0, -2.0, 0.0], scale=[1.0, 2.0, 0.5])
-    s = np.array([1.0, 2.0, 0.5])
-    cov = np.array([[1.0, 0.6, 0.6], [0.6, 1.0, 0.6], [0.6, 0.6, 1.0]]) * np.outer(s, s)
-    np.testing.assert_allclose(t.covariance, cov, rtol=1e-12)
-    np.testing.assert_allclose(t.ground_truth_std["x"], s)
-    x = t.sample(20_000, seed=1).numpy().astype(np.float64)
-    _assert_mean_within_mcse(x, [1.0, -2.0, 0.0], "correlated")
-    np.testing.assert_allclose(np.cov(x.T), cov, atol=0.05 * 4)
-    with pytest.raises(ValueError, match="rho"):
-        targets.correlated_gaussian(3, -0.6)
-
-
-def test_ill_conditioned_gaussian():
-    t = targets.ill_conditioned_gaussian(ndims=20, seed=5, dtype=tf.float64)
-    again = targets.ill_conditioned_gaussian(ndims=20, seed=5, dtype=tf.float64)
-    np.testing.assert_array_equal(t.covariance, again.covariance)
-    precision = np.linalg.inv(t.covariance)
-    # As documented: precision eigenvalues are Gamma(0.8, 1) draws from default_rng(seed).
-    lam = np.random.default_rng(5).gamma(0.8, 1.0, size=20)
-    np.testing.assert_allclose(np.linalg.eigvalsh(precision), np.sort(lam), rtol=1e-6)
-    np.testing.assert_allclose(t.ground_truth_std["x"], np.sqrt(np.diag(t.covariance)))
-    x = np.random.default_rng(2).normal(size=[5, 20])
-    _, logdet = np.linalg.slogdet(precision)
-    lp = -0.5 * np.einsum("ni,ij,nj->n", x, precision, x) + 0.5 * logdet - 10 * math.log(2 * math.pi)
-    np.testing.assert_allclose(t.unnormalized_log_prob(x), lp, rtol=1e-8)
-    draws = t.sample(20_000, seed=0).numpy()
-    _assert_std_within_mcse(draws, t.ground_truth_std["x"], "ill-conditioned")
-
-
-def test_german_credit():
-    t = targets.german_credit_sparse_logistic_regression()
-    assert t.event_size == 51
-    assert t.names == ("global_scale", "local_scales", "unscaled_weights")
-    assert t.event_shapes == {"global_scale": (), "local_scales": (25,), "unscaled_weights": (25,)}
-    assert set(t.ground_truth_mean) == set(t.names) and not t.has_exact_sampler
-    # An independent numpy version of the model and the data preparation.
-    raw = np.loadtxt(
-        __import__("importlib.resources")
-        .resources.files("neutra_flows")
-        .joinpath("data/german_credit_numeric.csv")
-        .open(),
-        delimiter=",",
-    )
-    feats = (raw[:, :-1] - raw[:, :-1].mean(0)) / raw[:, :-1].std(0)
-    feats = np.hstack([feats, np.ones([1000, 1])])
-    labels = raw[:, -1] - 1
-    assert set(np.unique(labels)) == {0.0, 1.0}
-    z = np.random.default_rng(0).normal(scale=0.5, size=[3, 51])
-    g, ls, w = np.exp(z[:, 0]), np.exp(z[:, 1:26]), z[:, 26:]
-
-    def gamma_half_lp(v):  # Gamma(0.5, rate 0.5)
-        return 0.5 * math.log(0.5) - math.lgamma(0.5) - 0.5 * np.log(v) - 0.5 * v
-
-    logits = feats @ (w * ls * g[:, None]).T  # [1000, 3]
-    loglik = np.sum(labels[:, None] * logits - np.logaddexp(0, logits), axis=0)
-    prior = gamma_half_lp(g) + gamma_half_lp(ls).sum(-1) - 0.5 * (w**2).sum(-1) - 12.5 * math.log(2 * math.pi)
-    log_det = z[:, 0] + z[:, 1:26].sum(-1)  # exp for the scales
-    expected = loglik + prior + log_det
-    np.testing.assert_allclose(t.unnormalized_log_prob(z.astype(np.float32)), expected, rtol=2e-4)
-    draws = t.named_draws(z)
-    np.testing.assert_allclose(draws["global_scale"], g, rtol=1e-5)
-
-
-def test_eight_schools():
-    t = targets.eight_schools()
-    assert t.names == ("mu", "tau", "theta") and t.event_size == 10
-    assert t.event_shapes == {"mu": (), "tau": (), "theta": (8,)}
-    z = np.random.default_rng(4).normal(scale=3.0, size=[6, 10]).astype(np.float32)
-    d = t.named_draws(z)
-    assert np.all(d["tau"] > 0) and d["theta"].shape == (6, 8)
-    y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
-    sigma = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
-    mu, tau, theta = (d[k].astype(np.float64) for k in ("mu", "tau", "theta"))
-
-    def normal_lp(x, m, s):
-        return -0.5 * ((x - m) / s) ** 2 - np.log(s) - 0.5 * math.log(2 * math.pi)
-
-    half_cauchy = math.log(2 / (math.pi * 5)) - np.log1p((tau / 5) ** 2)
-    joint = (
-        normal_lp(mu, 0, 5)
-        + half_cauchy
-        + normal_lp(theta, mu[:, None], tau[:, None]).sum(-1)
-        + normal_lp(y, theta, sigma).sum(-1)
-    )
-    expected = joint + _flat_log_det(t, z).numpy()
-    np.testing.assert_allclose(t.unnormalized_log_prob(z), expected, rtol=1e-4, atol=1e-3)

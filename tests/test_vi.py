@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
 
-from neutra_flows import DataFitResult, FitResult, Target, fit, fit_to_data, make_flow, targets
+from neutra_flows import DataFitResult, FitResult, Target, fit, fit_to_data, make_flow, models
 from neutra_flows.vi import default_learning_rate
 
 tfb = tfp.bijectors
@@ -31,7 +31,7 @@ def _std_normal_lp(x):
 
 
 def test_affine_tril_recovers_correlated_gaussian_with_xla():
-    t = targets.correlated_gaussian(3, 0.8, mean=[1.0, -2.0, 0.5], scale=[1.0, 2.0, 0.5])
+    t = models.correlated_gaussian(3, 0.8, mean=[1.0, -2.0, 0.5], scale=[1.0, 2.0, 0.5])
     flow = make_flow("affine_tril", 3)
     lr = default_learning_rate(800, initial=3e-2)
     r = fit(t, flow, num_steps=800, batch_size=256, learning_rate=lr, seed=0, progress=False)
@@ -71,7 +71,7 @@ BANANA_FLOWS = {
 
 @pytest.mark.parametrize("name", sorted(BANANA_FLOWS))
 def test_banana_reaches_small_kl_and_good_khat(name):
-    t = targets.banana()
+    t = models.banana()
     make, batch_size, lr, seed = BANANA_FLOWS[name]
     schedule = default_learning_rate(1000, initial=lr)
     r = fit(t, make(), num_steps=1000, batch_size=batch_size, learning_rate=schedule, seed=seed, **QUICK)
@@ -83,7 +83,7 @@ def test_banana_reaches_small_kl_and_good_khat(name):
 
 
 def test_funnel_reports_khat():
-    t = targets.neals_funnel(ndims=3)
+    t = models.neals_funnel(ndims=3)
     flow = make_flow("iaf", 3, hidden_units=[8, 8], num_layers=2)
     r = fit(t, flow, num_steps=200, batch_size=256, seed=1, **QUICK)
     assert np.isfinite(r.khat)
@@ -170,7 +170,7 @@ def test_persistent_nan_raises_naming_the_step_and_keeps_finite_parameters():
 
 
 def test_fit_rejects_bad_inputs():
-    t = targets.banana()
+    t = models.banana()
     flow = make_flow("affine_diag", 2)
     with pytest.raises(ValueError, match="Target"):
         fit(_std_normal_lp, flow, seed=0, **QUICK)
@@ -195,7 +195,7 @@ def test_fit_rejects_bad_inputs():
 
 
 def test_same_seed_same_flow_and_losses():
-    t = targets.banana()
+    t = models.banana()
     common = dict(num_steps=60, batch_size=32, steps_per_chunk=25, num_diagnostic_draws=1024, **QUICK)
     flows = [make_flow("iaf", 2, hidden_units=[8], num_layers=1, seed=0) for _ in range(3)]
     a = fit(t, flows[0], seed=5, **common)
@@ -209,7 +209,7 @@ def test_same_seed_same_flow_and_losses():
 
 
 def test_learning_rate_schedule_progress_and_zero_steps(capsys):
-    t = targets.banana()
+    t = models.banana()
     schedule = tf_keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.5)
     r = fit(
         t,
@@ -295,7 +295,7 @@ def test_fit_to_data_early_stopping_and_errors():
 @pytest.mark.slow
 def test_banana_defaults_slow():
     # Measured: KL 0.0041 +/- 0.0007, k-hat 0.66 (docs/vi.md).
-    t = targets.banana()
+    t = models.banana()
     r = fit(t, make_flow("iaf", 2), seed=0, progress=False)
     assert -r.elbo < 0.02 and r.khat < 0.7, r.summary()
 
@@ -303,7 +303,7 @@ def test_banana_defaults_slow():
 @pytest.mark.slow
 def test_funnel_10d_defaults_slow():
     # Measured: KL 0.0057 +/- 0.0007, k-hat 0.61 (docs/vi.md).
-    t = targets.neals_funnel(10)
+    t = models.neals_funnel(10)
     r = fit(t, make_flow("iaf", 10), seed=0, progress=False)
     assert np.isfinite(r.khat)
     assert -4 * r.elbo_se < -r.elbo < 0.02, r.summary()  # the funnel is normalised: -ELBO is a KL

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from neutra_flows import fit, make_flow, sample, targets
+from neutra_flows import fit, make_flow, models, sample
 from neutra_flows.whitening import fit_gaussian, whitening_layer
 
 QUICK = dict(progress=False, num_diagnostic_draws=2048)
@@ -19,7 +19,7 @@ def _badly_scaled(dtype=tf.float64):
     corr[0, 1] = corr[1, 0] = -0.99
     cov = corr * np.outer(sd, sd)
     mean = np.array([10.0, 0.5, -1.0])
-    return targets._gaussian_target(mean, np.linalg.cholesky(cov), "badly_scaled", dtype), mean, cov
+    return models.GaussianTarget(mean, np.linalg.cholesky(cov), name="badly_scaled", dtype=dtype), mean, cov
 
 
 def test_gaussian_fit_recovers_a_badly_scaled_gaussian():
@@ -39,7 +39,7 @@ def test_gaussian_fit_without_a_map_keeps_the_identity_and_says_why():
     # The funnel's density is unbounded as x0 -> -inf: no MAP. Never a crash.
     # (In float32 L-BFGS may stop at a spurious "MAP" deep in the neck, with a
     # Hessian condition number of 1e18 and more: that is no MAP either.)
-    g = fit_gaussian(targets.neals_funnel(ndims=4, dtype=tf.float64), seed=1)
+    g = fit_gaussian(models.neals_funnel(ndims=4, dtype=tf.float64), seed=1)
     # No true MAP: either L-BFGS stops in the neck with a degenerate Hessian (no
     # whitening at all) or the candidates' ELBOs on fresh draws prefer the identity.
     assert g.method.startswith("identity"), g.notes
@@ -77,7 +77,7 @@ def test_fit_whiten_false_leaves_the_layer_to_adam():
 
 
 def test_stopping_rule_stops_a_converged_fit_and_says_so():
-    target = targets.correlated_gaussian(2, 0.0)
+    target = models.correlated_gaussian(2, 0.0)
     flow = make_flow("iaf", 2, hidden_units=[4], num_layers=1)
     quick = dict(batch_size=32, steps_per_chunk=25, seed=0, skip_training_if_gaussian=False, **QUICK)
     r = fit(target, flow, num_steps=1000, **quick)
@@ -90,7 +90,7 @@ def test_stopping_rule_stops_a_converged_fit_and_says_so():
 
 @pytest.mark.parametrize("flow_name", ["affine_tril", "identity"])
 def test_flows_without_a_whitening_layer_are_trained_as_before(flow_name):
-    target = targets.correlated_gaussian(2, 0.5)
+    target = models.correlated_gaussian(2, 0.5)
     r = fit(target, make_flow(flow_name, 2), num_steps=20, batch_size=16, seed=0, **QUICK)
     assert r.whitening is None
 
@@ -113,5 +113,5 @@ def test_a_failing_map_search_is_a_note_not_a_crash(monkeypatch):
 
 def test_a_non_gaussian_target_is_still_trained():
     flow = make_flow("iaf", 2, hidden_units=[8], num_layers=2)
-    r = fit(targets.banana(), flow, num_steps=200, batch_size=64, seed=0, **QUICK)
+    r = fit(models.banana(), flow, num_steps=200, batch_size=64, seed=0, **QUICK)
     assert r.whitening.khat > 0.5 and r.num_steps > 0

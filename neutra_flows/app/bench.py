@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from neutra_flows import targets as _targets
+from neutra_flows import models as _models
 from neutra_flows._version import __version__
 from neutra_flows.diagnostics import compare
 from neutra_flows.flows import make_flow
@@ -152,31 +152,31 @@ class BenchSpec:
 
 BENCHMARKS: dict[str, BenchSpec] = {
     "funnel": BenchSpec(
-        make_target=lambda: _targets.neals_funnel(ndims=10),
+        make_target=lambda: _models.neals_funnel(ndims=10),
         description="Neal's funnel, 10-D: x0 ~ N(0, 3), x_i ~ N(0, exp(x0 / 2))",
         focus={"x": [0]},
         goals=(Goal("divergences", 0), *_CORRECT, Goal("ess_per_grad", 0.2), Goal("ratio", 1000),
                Goal("ratio_total_time", 1.0)),
     ),
     "funnel-100": BenchSpec(
-        make_target=lambda: _targets.neals_funnel(ndims=100),
+        make_target=lambda: _models.neals_funnel(ndims=100),
         description="Neal's funnel, 100-D",
         focus={"x": [0]},
         goals=(Goal("divergences", 0), *_CORRECT, Goal("ess_per_grad", 0.05), Goal("ratio", 100)),
     ),
     "banana": BenchSpec(
-        make_target=lambda: _targets.banana(ndims=2),
+        make_target=lambda: _models.banana(ndims=2),
         description="banana, 2-D: x0 ~ N(0, 10), x1 ~ N(0.03 (x0^2 - 100), 1)",
         goals=(*_CORRECT, Goal("ess_per_grad", 0.2), Goal("ratio", 10), Goal("ratio_total_time", 1.0)),
     ),
     "ill-conditioned-gaussian": BenchSpec(
-        make_target=lambda: _targets.ill_conditioned_gaussian(ndims=100),
+        make_target=lambda: _models.ill_conditioned_gaussian(ndims=100),
         description="100-D Gaussian, precision eigenvalues ~ Gamma(0.8, 1), random rotation",
         flow="affine_tril",
         goals=(*_CORRECT,),
     ),
     "german-credit": BenchSpec(
-        make_target=lambda: _targets.german_credit_sparse_logistic_regression(),
+        make_target=lambda: _models.german_credit_sparse_logistic_regression(),
         description="German credit sparse logistic regression, 51-D (NeuTra paper)",
         # 2000 x 256 left k-hat 0.88 and 182 NeuTra divergences (docs/benchmarks.md);
         # the NeuTra paper's budget (batch 4096) is larger still. ChEES also
@@ -188,7 +188,7 @@ BENCHMARKS: dict[str, BenchSpec] = {
                Goal("ratio", 10)),
     ),
     "eight-schools": BenchSpec(
-        make_target=lambda: _targets.eight_schools(),
+        make_target=lambda: _models.eight_schools(),
         description="eight schools, centred parameterisation (a funnel in a real model)",
         goals=(Goal("divergences", 0),),
     ),

@@ -6,7 +6,7 @@ of https://github.com/tensorflow/probability (Apache-2.0; copied at commit
 c847a4160de33119ec44cf47ebc750d9659cb515). It was produced by inference_gym's
 ``tools/get_ground_truth`` from long CmdStan runs of its model
 ``GermanCreditNumericSparseLogisticRegression``: the same model as
-:func:`neutra_flows.targets.german_credit_sparse_logistic_regression` (Gamma(0.5,
+:func:`neutra_flows.models.german_credit_sparse_logistic_regression` (Gamma(0.5,
 0.5) priors on the global and the 25 local scales, N(0, 1) unscaled weights,
 24 features standardised with the population std plus a bias column last,
 labels = class - 1), so entry ``i`` of each 25-vector is feature ``i`` and the

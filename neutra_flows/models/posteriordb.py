@@ -22,8 +22,8 @@ to an additive constant:
   ``beta1 <upper=1 - alpha1>`` a sigmoid scaled by ``1 - alpha1``
   (:class:`_GarchBounds`). TFP's default event-space bijectors would not do:
   ``HalfNormal``'s is ``softplus``, and no distribution expresses the
-  dependent bound, so the targets are built with ``Target._from_structure``
-  and these explicit bijectors rather than ``Target.from_joint_distribution``.
+  dependent bound, so the targets are built as structured ``Target`` objects
+  with these explicit bijectors rather than with ``Target.from_joint_distribution``.
 
 The recursions of the time-series models (arma11's errors, garch11's variances)
 are linear, so they are computed with a parallel associative scan
@@ -444,12 +444,12 @@ def load_posteriordb(name: str, *, dtype: Any = tf.float64) -> Target:
     model = _BUILDERS[name](_read_json(name, "data.json"), dtype)
     mean, std = _reference(name, model.shapes)
     bijector = _GarchBounds() if model.bijectors is None else tfb.JointMap(model.bijectors)
-    return Target._from_structure(
-        log_prob_fn=_log_prob_fn(model, dtype),
-        structured_bijector=bijector,
-        event_shape={k: tf.TensorShape(s) for k, s in model.shapes.items()},
-        dtype_struct=dict.fromkeys(model.shapes, dtype),
-        names=sorted(model.shapes),
+    return Target(
+        _log_prob_fn(model, dtype),
+        {k: tf.TensorShape(s) for k, s in model.shapes.items()},
+        dict.fromkeys(model.shapes, dtype),
+        bijector,
+        sorted(model.shapes),
         name=name,
         ground_truth_mean=mean,
         ground_truth_std=std,
