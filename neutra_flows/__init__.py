@@ -28,7 +28,8 @@ from neutra_flows import _compat  # noqa: E402
 # Before anything builds a bijector: TFP 0.25's Pad needs it under NumPy >= 2.4.
 _compat.apply()
 
-from neutra_flows import bijectors, models, plots, targets, whitening  # noqa: E402
+from neutra_flows import adaptation, bijectors, models, plots, targets, whitening  # noqa: E402
+from neutra_flows.adaptation import FlowAdaptation  # noqa: E402
 from neutra_flows._version import __version__  # noqa: E402
 from neutra_flows.diagnostics import compare  # noqa: E402
 from neutra_flows.flows import FLOW_NAMES, make_flow  # noqa: E402
@@ -40,9 +41,11 @@ from neutra_flows.vi import DataFitResult, FitResult, fit, fit_to_data  # noqa: 
 __all__ = [
     "FLOW_NAMES",
     "DataFitResult",
+    "FlowAdaptation",
     "FitResult",
     "NeuTraKernel",
     "Target",
+    "adaptation",
     "bijectors",
     "models",
     "plots",

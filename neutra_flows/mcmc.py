@@ -79,7 +79,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-import arviz as az
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -833,7 +832,7 @@ def sample(
     thin: int = 1,
     max_trace_bytes: int | None = 4 * 2**30,
     strategy: tf.distribute.Strategy | None = None,
-) -> az.InferenceData:
+) -> Any:
     """Samples ``target`` with NeuTra (given a ``flow``) or with the plain baseline.
 
     Args:
@@ -1170,8 +1169,10 @@ def _run(plan: _Plan, s: _Settings) -> _RunRecord:
                       divs_warmup=divs_warmup, divs_sampling=divs_sampling)
 
 
-def _assemble(plan: _Plan, s: _Settings, run: _RunRecord, flow: Any, training_time) -> az.InferenceData:
+def _assemble(plan: _Plan, s: _Settings, run: _RunRecord, flow: Any, training_time) -> Any:
     """The InferenceData with its attrs, and the warnings a user must see."""
+    import arviz as az  # ~1 s of import time: only when sampling
+
     attrs = _attrs(plan, s, run)
     if training_time is not None:
         attrs["flow_training_time"] = training_time
@@ -1382,10 +1383,12 @@ def _latent_scale_from(window: list[np.ndarray], scale: tf.Variable) -> np.ndarr
     return np.sqrt(var)
 
 
-def _warn_if_not_converged(idata: az.InferenceData, sampler: str, target_name: str, neutra: bool) -> None:
+def _warn_if_not_converged(idata: Any, sampler: str, target_name: str, neutra: bool) -> None:
     """Warns, naming the variables, when the chains disagree (rank-normalised R-hat > 1.01)."""
     if idata.posterior.sizes["chain"] < 2 or idata.posterior.sizes["draw"] < 4:
         return
+    import arviz as az
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rhat = az.rhat(idata.posterior.astype(np.float64))
