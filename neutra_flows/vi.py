@@ -23,8 +23,9 @@ with minibatches, a held-out split and early stopping. The data log-likelihood i
 which needs the flow's *inverse*: fast for MAF, RealNVP and the spline flows,
 but sequential (``d`` network passes) for IAF, so prefer those here.
 
-Both loops are compiled with XLA in chunks of steps (a ``tf.while_loop`` inside
-one ``tf.function(jit_compile=True)``), draw with stateless seeds derived from
+Both train in the one resilient loop of ``neutra_flows._training``: compiled
+with XLA in chunks of steps (a ``tf.while_loop`` inside one
+``tf.function(jit_compile=True)``), they draw with stateless seeds derived from
 ``seed`` (the same seed gives the same loss trace), use a fresh
 ``tf_keras.optimizers.Adam`` per call, and never return non-finite parameters:
 a step whose loss or gradient is not finite is skipped inside the compiled loop;
@@ -51,11 +52,12 @@ References
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -63,6 +65,20 @@ import tensorflow_probability as tfp
 import tf_keras
 
 from neutra_flows import _distribute
+from neutra_flows._training import (
+    ChunkReport,
+    ResilientLoop,
+    StoppingRule,
+    Wording,
+    chunk_of_steps,
+    default_learning_rate,
+    guarded_step,
+    make_optimizer,
+    progress_bar,
+    restore,
+    snapshot,
+    step_wording,
+)
 from neutra_flows._utils import as_seed, check_positive_int, split_seed
 from neutra_flows.targets import Target
 from neutra_flows.whitening import fit_gaussian, set_whitening, whitening_layer
@@ -75,11 +91,6 @@ __all__ = ["DataFitResult", "FitResult", "default_learning_rate", "fit", "fit_to
 KHAT_THRESHOLD = 0.7
 # PSIS k-hat below which a Gaussian fit is already a good posterior (Yao et al. 2018).
 _GAUSSIAN_GOOD_KHAT = 0.5
-
-# A chunk in which more than this fraction of steps had to be skipped is rolled
-# back and retried with a lower learning rate.
-_MAX_SKIP_FRACTION = 0.5
-_LR_BACKOFF = 0.25
 
 
 # -- results -----------------------------------------------------------------------
@@ -172,11 +183,6 @@ class FitResult:
     def __post_init__(self):
         # Done here rather than in fit: every FitResult's surrogate samples statelessly.
         self.surrogate = _with_stateless_sampling(self.surrogate)
-
-    @property
-    def recovered(self) -> list[str]:
-        """Alias of :attr:`notes` (the name used in docs/architecture.md)."""
-        return self.notes
 
     @property
     def usable_as_posterior(self) -> bool:
@@ -348,61 +354,6 @@ class DataFitResult:
         return "\n".join(lines)
 
 
-# -- learning rates and optimiser ------------------------------------------------------
-
-
-class _ScaledSchedule(tf_keras.optimizers.schedules.LearningRateSchedule):
-    """``scale * base(step)``; ``scale`` is a variable lowered after failures."""
-
-    def __init__(self, base: Any, scale: tf.Variable):
-        self.base = base
-        self.scale = scale
-
-    def __call__(self, step):
-        if callable(self.base):
-            lr = self.base(step)
-        else:
-            lr = tf.constant(self.base, tf.float32)
-        return tf.cast(lr, tf.float32) * tf.cast(self.scale, tf.float32)
-
-    def get_config(self):
-        return {"base": self.base}
-
-
-def default_learning_rate(
-    num_steps: int, initial: float = 1e-2, final_fraction: float = 1e-2
-) -> tf_keras.optimizers.schedules.LearningRateSchedule:
-    """The default of :func:`fit`: cosine decay from ``initial`` to ``initial * final_fraction``.
-
-    A smooth variant of the NeuTra paper's piecewise schedule (x0.1 at 20 %,
-    x0.01 at 80 %): it spends more steps at a high rate early, where most of the
-    progress is made, and ends at the same small rate to settle the flow.
-    """
-    num_steps = check_positive_int(num_steps, "num_steps")
-    return tf_keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=float(initial), decay_steps=num_steps, alpha=float(final_fraction)
-    )
-
-
-def _make_optimizer(learning_rate: Any, num_steps: int, default_initial: float, clip):
-    if learning_rate is None:
-        base = default_learning_rate(num_steps, default_initial)
-    elif isinstance(learning_rate, tf_keras.optimizers.schedules.LearningRateSchedule):
-        base = learning_rate
-    elif isinstance(learning_rate, (int, float, np.floating)) and not isinstance(learning_rate, bool):
-        if not (math.isfinite(float(learning_rate)) and float(learning_rate) > 0):
-            raise ValueError(f"learning_rate must be positive and finite, got {learning_rate}")
-        base = float(learning_rate)
-    else:
-        raise ValueError(
-            "learning_rate must be a float, a tf_keras LearningRateSchedule or None, got "
-            f"{type(learning_rate).__name__} (Keras 3 schedules are not supported: use tf_keras)"
-        )
-    scale = tf.Variable(1.0, dtype=tf.float32, trainable=False, name="lr_scale")
-    optimizer = tf_keras.optimizers.Adam(learning_rate=_ScaledSchedule(base, scale), global_clipnorm=clip)
-    return optimizer, scale
-
-
 # -- checks ----------------------------------------------------------------------------
 
 
@@ -439,44 +390,6 @@ def _check_flow(flow: Any, event_size: int, dtype: tf.DType) -> list[tf.Variable
     if out.dtype != dtype:
         raise ValueError(f"flow outputs {out.dtype.name} but the target is {dtype.name}")
     return list(flow.trainable_variables)
-
-
-def _guarded_step(optimizer, variables, loss_fn):
-    """One Adam step that is skipped (no parameter or optimiser-state change) when the
-    loss or any gradient is not finite. ``loss_fn() -> (loss, aux)``."""
-    with tf.GradientTape() as tape:
-        loss, aux = loss_fn()
-    grads = tape.gradient(loss, variables)
-    grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)]
-    finite = tf.math.is_finite(loss)
-    for g in grads:
-        finite = finite & tf.reduce_all(tf.math.is_finite(g))
-
-    def apply():
-        optimizer.apply_gradients(zip(grads, variables, strict=True))
-        return tf.constant(0, tf.int32)
-
-    tf.cond(finite, apply, lambda: tf.constant(0, tf.int32))
-    return loss, finite, aux
-
-
-def _snapshot(variables):
-    return [tf.identity(v) for v in variables]
-
-
-def _restore(variables, values):
-    for v, x in zip(variables, values, strict=True):
-        v.assign(x)
-
-
-def _all_finite(variables) -> bool:
-    return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables if v.dtype.is_floating)
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
 
 
 # -- PSIS ------------------------------------------------------------------------------
@@ -590,182 +503,198 @@ def fit(
       RuntimeError: training kept producing non-finite losses or gradients; the
         message names the step. The flow is left at its last finite parameters.
     """
-    if not isinstance(target, Target):
-        raise ValueError(
-            f"target must be a neutra_flows.Target, got {type(target).__name__}; wrap a log "
-            "density with Target(log_prob_fn, event_shape) or Target.from_joint_distribution"
-        )
+    # Arguments, then the flow against the target.
+    _check_target(target)
     num_steps = check_positive_int(num_steps, "num_steps", minimum=0)
     batch_size = check_positive_int(batch_size, "batch_size")
     steps_per_chunk = check_positive_int(steps_per_chunk, "steps_per_chunk")
     num_diagnostic_draws = check_positive_int(num_diagnostic_draws, "num_diagnostic_draws")
     max_recoveries = check_positive_int(max_recoveries, "max_recoveries", minimum=0)
-    d, dtype = target.event_size, target.dtype
-    variables = _check_flow(flow, d, dtype)
+    variables = _check_flow(flow, target.event_size, target.dtype)
     if strategy is not None:
         _distribute.check_strategy(strategy, batch_size, "batch_size", list(flow.variables))
     train_seed, diag_seed, check_seed = split_seed(seed, 3)
     notes: list[str] = []
+
+    # Whitening: a Gaussian written into the flow's whitening layer, then frozen.
     whiten_start = time.perf_counter()
     gaussian, variables = _whiten(target, flow, variables, whiten, seed, notes)
     whiten_time = time.perf_counter() - whiten_start
-    if skip_training_if_gaussian and gaussian is not None and gaussian.khat < _GAUSSIAN_GOOD_KHAT:
+    skipped_reason = _gaussian_suffices(gaussian) if skip_training_if_gaussian else ""
+    if skipped_reason:
         num_steps = 0
-        skipped_reason = (f"not trained: the whitening Gaussian already fits (PSIS k-hat {gaussian.khat:.2f} "
-                          f"< {_GAUSSIAN_GOOD_KHAT}); pass skip_training_if_gaussian=False to train the flow")
-    else:
-        skipped_reason = ""
+    _check_first_points(target, flow, check_seed)
 
-    # Look at the first points the target will be given: the flow's image of the
-    # base mode and a few draws. NaN / +inf / bad shapes fail here, loudly.
-    u0 = tf.concat([tf.zeros([1, d], dtype), tf.random.stateless_normal([7, d], check_seed, dtype=dtype)], 0)
+    # Training.
+    base = _standard_normal(target.event_size, target.dtype)
+    terms = _elbo_terms(target, flow, base)
+    losses, stop_reason = np.full([num_steps], np.nan), skipped_reason or "num_steps=0"
+    start = time.perf_counter()
+    if num_steps > 0 and not variables:
+        notes.append("the flow has no trainable variables: nothing to train")
+    elif num_steps > 0:
+        losses, stop_reason = _train_reverse_kl(
+            target, flow, variables, terms, train_seed=train_seed, num_steps=num_steps, batch_size=batch_size,
+            learning_rate=learning_rate, global_clipnorm=global_clipnorm, jit_compile=jit_compile,
+            steps_per_chunk=steps_per_chunk, max_recoveries=max_recoveries, early_stopping=early_stopping,
+            strategy=strategy, progress=progress, notes=notes,
+        )
+    wall_time = time.perf_counter() - start + whiten_time
+
+    # Diagnostics on fresh draws, and the result.
+    diagnostics = _diagnose(terms, diag_seed, num_diagnostic_draws)
+    notes.extend(diagnostics.notes)
+    surrogate = tfd.TransformedDistribution(
+        base, tfb.Chain([target.constraining_bijector, flow]), name=f"{target.name}_surrogate"
+    )
+    return FitResult(
+        flow=flow,
+        surrogate=surrogate,
+        losses=losses,
+        wall_time=wall_time,
+        elbo=diagnostics.elbo,
+        elbo_se=diagnostics.elbo_se,
+        khat=diagnostics.khat,
+        ess_is=diagnostics.ess_is,
+        num_steps=len(losses),
+        notes=notes,
+        num_diagnostic_draws=num_diagnostic_draws,
+        log_weights=diagnostics.log_weights,
+        target_name=target.name,
+        whitening=gaussian,
+        stop_reason=stop_reason,
+        num_grad_evals=(0 if gaussian is None else gaussian.num_grad_evals) + len(losses) * batch_size
+        + num_diagnostic_draws,
+    )
+
+
+def _check_target(target: Any) -> None:
+    if not isinstance(target, Target):
+        raise ValueError(
+            f"target must be a neutra_flows.Target, got {type(target).__name__}; wrap a log "
+            "density with Target(log_prob_fn, event_shape) or Target.from_joint_distribution"
+        )
+
+
+def _gaussian_suffices(gaussian: Any) -> str:
+    """Why training is skipped when the whitening Gaussian already passes PSIS; else ``""``."""
+    if gaussian is None or not gaussian.khat < _GAUSSIAN_GOOD_KHAT:
+        return ""
+    return (f"not trained: the whitening Gaussian already fits (PSIS k-hat {gaussian.khat:.2f} "
+            f"< {_GAUSSIAN_GOOD_KHAT}); pass skip_training_if_gaussian=False to train the flow")
+
+
+def _check_first_points(target: Target, flow: tfb.Bijector, seed: Any) -> None:
+    # The first points the target will be given: the flow's image of the base
+    # mode and a few draws. NaN / +inf / bad shapes fail here, loudly.
+    d, dtype = target.event_size, target.dtype
+    u0 = tf.concat([tf.zeros([1, d], dtype), tf.random.stateless_normal([7, d], seed, dtype=dtype)], 0)
     target.check(flow.forward(u0))
 
-    base = tfd.MultivariateNormalDiag(tf.zeros([d], dtype), tf.ones([d], dtype))
 
-    def neg_elbo_terms(step_seed, n):
-        u = tf.random.stateless_normal([n, d], step_seed, dtype=dtype)
+def _standard_normal(d: int, dtype: tf.DType) -> tfd.Distribution:
+    return tfd.MultivariateNormalDiag(tf.zeros([d], dtype), tf.ones([d], dtype))
+
+
+def _elbo_terms(target: Target, flow: tfb.Bijector, base: tfd.Distribution):
+    """``terms(seed, n) -> (log_q, log_p)`` at ``n`` fresh draws ``z = flow(u)``, ``u ~ base``."""
+    d, dtype = target.event_size, target.dtype
+
+    def terms(seed, n):
+        u = tf.random.stateless_normal([n, d], seed, dtype=dtype)
         z = flow.forward(u)
         log_q = base.log_prob(u) - flow.forward_log_det_jacobian(u, event_ndims=1)
         log_p = target.unnormalized_log_prob(z)
         return log_q, log_p
 
-    losses = np.full([num_steps], np.nan)
-    stop_reason = skipped_reason or "num_steps=0"
-    start = time.perf_counter()
-    if num_steps > 0 and not variables:
-        notes.append("the flow has no trainable variables: nothing to train")
-    elif num_steps > 0:
-        # Under a strategy the optimiser's variables are mirrored like the flow's.
-        with _distribute.scope(strategy):
-            optimizer, lr_scale = _make_optimizer(learning_rate, num_steps, 1e-2, global_clipnorm)
-            # Create the optimiser's variables before compiling.
-            optimizer.build(variables)
-        opt_variables = list(optimizer.variables)
+    return terms
 
-        def one_step(step, attempt):
-            # A retried chunk (after a rollback) draws fresh points: a failure caused
-            # by the draws themselves is not replayed identically.
-            attempt_seed = tf.random.experimental.stateless_fold_in(train_seed, attempt)
-            step_seed = tf.random.experimental.stateless_fold_in(attempt_seed, step)
 
-            def loss_fn():
-                log_q, log_p = neg_elbo_terms(step_seed, batch_size)
-                return tf.reduce_mean(log_q - log_p), (log_q, log_p)
+def _elbo_step(optimizer, variables, terms, train_seed, batch_size: int):
+    """``one_step(step, attempt) -> (loss, finite, code)``, the step of ``fit``'s chunk (``chunk_of_steps``)."""
 
-            loss, finite, (log_q, log_p) = _guarded_step(optimizer, variables, loss_fn)
-            # 1: log p NaN, 2: log p = -inf, 4: log p = +inf, 8: log q not finite.
-            code = (
-                tf.cast(tf.reduce_any(tf.math.is_nan(log_p)), tf.int32)
-                + 2 * tf.cast(tf.reduce_any(tf.equal(log_p, -np.inf)), tf.int32)
-                + 4 * tf.cast(tf.reduce_any(tf.equal(log_p, np.inf)), tf.int32)
-                + 8 * tf.cast(tf.reduce_any(~tf.math.is_finite(log_q)), tf.int32)
-            )
-            return loss, finite, code
+    def one_step(step, attempt):
+        # A retried chunk (after a rollback) draws fresh points: a failure caused
+        # by the draws themselves is not replayed identically.
+        attempt_seed = tf.random.experimental.stateless_fold_in(train_seed, attempt)
+        step_seed = tf.random.experimental.stateless_fold_in(attempt_seed, step)
 
-        def run_chunk(first_step, count, attempt):
-            def body(i, buf, skipped, first_bad, code_or):
-                loss, finite, code = one_step(first_step + i, attempt)
-                buf = tf.tensor_scatter_nd_update(buf, [[i]], tf.cast([loss], tf.float64))
-                bad = tf.logical_not(finite)
-                skipped += tf.cast(bad, tf.int32)
-                first_bad = tf.where(bad & (first_bad < 0), first_step + i, first_bad)
-                return i + 1, buf, skipped, first_bad, tf.bitwise.bitwise_or(code_or, code)
+        def loss_fn():
+            log_q, log_p = terms(step_seed, batch_size)
+            return tf.reduce_mean(log_q - log_p), (log_q, log_p)
 
-            init = (
-                tf.constant(0),
-                tf.zeros([steps_per_chunk], tf.float64),
-                tf.constant(0),
-                tf.constant(-1),
-                tf.constant(0),
-            )
-            _, buf, skipped, first_bad, code = tf.while_loop(
-                lambda i, *_: i < count, body, init, maximum_iterations=steps_per_chunk
-            )
-            return buf, skipped, first_bad, code
+        loss, finite, (log_q, log_p) = guarded_step(optimizer, variables, loss_fn)
+        # 1: log p NaN, 2: log p = -inf, 4: log p = +inf, 8: log q not finite (see _describe).
+        code = (
+            tf.cast(tf.reduce_any(tf.math.is_nan(log_p)), tf.int32)
+            + 2 * tf.cast(tf.reduce_any(tf.equal(log_p, -np.inf)), tf.int32)
+            + 4 * tf.cast(tf.reduce_any(tf.equal(log_p, np.inf)), tf.int32)
+            + 8 * tf.cast(tf.reduce_any(~tf.math.is_finite(log_q)), tf.int32)
+        )
+        return loss, finite, code
 
-        compiled = tf.function(run_chunk, jit_compile=jit_compile, autograph=False)
+    return one_step
+
+
+def _train_reverse_kl(target, flow, variables, terms, *, train_seed, num_steps: int, batch_size: int,
+                      learning_rate, global_clipnorm, jit_compile: bool, steps_per_chunk: int,
+                      max_recoveries: int, early_stopping: bool, strategy, progress: bool,
+                      notes: list[str]) -> tuple[np.ndarray, str]:
+    """Adam on ``-ELBO`` in resilient compiled chunks; ``(losses [steps taken], stop reason)``."""
+    # Under a strategy the optimiser's variables are mirrored like the flow's.
+    with _distribute.scope(strategy):
+        optimizer, lr_scale = make_optimizer(learning_rate, num_steps, 1e-2, global_clipnorm)
+        # Create the optimiser's variables before compiling.
+        optimizer.build(variables)
+    run_chunk = chunk_of_steps(_elbo_step(optimizer, variables, terms, train_seed, batch_size), steps_per_chunk)
+
+    def make_chunk(jit: bool):
         if strategy is not None:
-            compiled = _distribute.fit_chunk(strategy, target, flow, variables, optimizer,
-                                             batch_size=batch_size, train_seed=train_seed,
-                                             steps_per_chunk=steps_per_chunk)
-        bar = _progress_bar(num_steps, f"fit {target.name}", progress)
-        rule = _StoppingRule(num_steps, lr_scale, early_stopping)
-        recoveries = 0
-        step = 0
-        try:
-            while step < num_steps:
-                count = min(steps_per_chunk, num_steps - step)
-                params_before = _snapshot(variables)
-                opt_before = _snapshot(opt_variables)
-                try:
-                    buf, skipped, first_bad, code = compiled(
-                        tf.constant(step), tf.constant(count), tf.constant(recoveries)
-                    )
-                except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
-                    if not jit_compile or step > 0 or "XLA" not in str(err).upper():
-                        raise
-                    jit_compile = False
-                    notes.append(
-                        "XLA could not compile the training step; fell back to graph mode "
-                        f"(first line of the error: {str(err).splitlines()[0][:200]})"
-                    )
-                    compiled = tf.function(run_chunk, jit_compile=False, autograph=False)
-                    _restore(variables, params_before)
-                    _restore(opt_variables, opt_before)
-                    continue
-                skipped = int(skipped)
-                chunk_losses = buf.numpy()[:count]
-                params_ok = _all_finite(variables)
-                if params_ok and skipped <= _MAX_SKIP_FRACTION * count:
-                    if skipped:
-                        notes.append(
-                            f"steps {step}-{step + count - 1}: {skipped} of {count} steps had "
-                            f"a non-finite loss or gradient ({_describe(int(code))}) and were "
-                            "skipped"
-                        )
-                    losses[step : step + count] = chunk_losses
-                    step += count
-                    bar.update(count)
-                    finite_losses = chunk_losses[np.isfinite(chunk_losses)]
-                    if finite_losses.size:
-                        bar.set_postfix(loss=f"{finite_losses[-min(10, finite_losses.size) :].mean():.4g}")
-                    if rule.update(step, chunk_losses):
-                        break
-                    continue
-                # Too many failures in this chunk: roll back and lower the learning rate.
-                _restore(variables, params_before)
-                _restore(opt_variables, opt_before)
-                bad_step = int(first_bad) if int(first_bad) >= 0 else step
-                if recoveries >= max_recoveries:
-                    raise RuntimeError(
-                        f"fit({target.name}): non-finite loss or gradient at step {bad_step} "
-                        f"({_describe(int(code))}) persisted after {recoveries} rollbacks with "
-                        f"learning-rate reductions (now x{float(lr_scale.numpy()):.3g}). The flow "
-                        f"was left at its parameters before step {step}. Check the target for "
-                        "NaN regions, add a constraining bijector, or lower learning_rate."
-                    )
-                recoveries += 1
-                lr_scale.assign(lr_scale * _LR_BACKOFF)
-                notes.append(
-                    f"step {bad_step}: non-finite loss or gradient ({_describe(int(code))}) in "
-                    f"{skipped} of {count} steps; rolled back to step {step} and lowered the "
-                    f"learning rate to x{float(lr_scale.numpy()):.3g} of the schedule"
-                )
-        finally:
-            bar.close()
-        losses = losses[:step]
-        notes.extend(rule.notes)
-        stop_reason = rule.reason or rule.budget_reason(step)
-    wall_time = time.perf_counter() - start + whiten_time
+            return _distribute.fit_chunk(strategy, target, flow, variables, optimizer, batch_size=batch_size,
+                                         train_seed=train_seed, steps_per_chunk=steps_per_chunk)
+        return tf.function(run_chunk, jit_compile=jit, autograph=False)
 
-    # Diagnostics on fresh draws, in blocks to bound memory.
+    loop = ResilientLoop(make_chunk, variables=variables, optimizer=optimizer, lr_scale=lr_scale,
+                         max_recoveries=max_recoveries, jit_compile=jit_compile,
+                         wording=step_wording(f"fit({target.name})", _describe, _ADVICE))
+    rule = StoppingRule(num_steps, lr_scale, early_stopping)
+    losses = np.full([num_steps], np.nan)
+    with progress_bar(num_steps, f"fit {target.name}", progress) as bar:
+
+        def record(chunk: ChunkReport) -> bool:
+            losses[chunk.start : chunk.start + chunk.count] = chunk.values
+            bar.update(chunk.count)
+            finite = chunk.values[np.isfinite(chunk.values)]
+            if finite.size:
+                bar.set_postfix(loss=f"{finite[-min(10, finite.size) :].mean():.4g}")
+            return rule.update(chunk.start + chunk.count, chunk.values)
+
+        step = loop.run(num_steps, on_chunk=record, chunk_size=steps_per_chunk)
+    notes.extend(loop.notes)
+    notes.extend(rule.notes)
+    return losses[:step], rule.reason or rule.budget_reason(step)
+
+
+_ADVICE = "Check the target for NaN regions, add a constraining bijector, or lower learning_rate."
+
+
+class _Diagnostics(NamedTuple):
+    log_weights: np.ndarray
+    elbo: float
+    elbo_se: float
+    khat: float
+    ess_is: float
+    notes: list[str]
+
+
+def _diagnose(terms, seed, num_draws: int) -> _Diagnostics:
+    """ELBO with its standard error, PSIS k-hat and IS ESS on ``num_draws`` fresh draws."""
     log_w = []
-    block = max(1, min(num_diagnostic_draws, 4096))
-    # One pass per block: eager execution is cheaper than tracing a new graph.
-    for i, lo in enumerate(range(0, num_diagnostic_draws, block)):
-        n = min(block, num_diagnostic_draws - lo)
-        log_q, log_p = neg_elbo_terms(tf.random.experimental.stateless_fold_in(diag_seed, i), n)
+    block = max(1, min(num_draws, 4096))
+    # In blocks to bound memory; one eager pass per block is cheaper than tracing a new graph.
+    for i, lo in enumerate(range(0, num_draws, block)):
+        n = min(block, num_draws - lo)
+        log_q, log_p = terms(tf.random.experimental.stateless_fold_in(seed, i), n)
         log_w.append((log_p - log_q).numpy().astype(np.float64))
     log_w = np.concatenate(log_w)
     # NaN draws are dropped (psis_diagnostics reports them); -inf (q has mass where
@@ -777,32 +706,8 @@ def fit(
         elbo, elbo_se = float(np.mean(valid)), float(np.std(valid) / math.sqrt(valid.size))
     else:
         elbo, elbo_se = float(np.mean(valid)), float("inf")
-    khat, ess, psis_notes = psis_diagnostics(log_w)
-    notes.extend(psis_notes)
-
-    constraining = target.constraining_bijector
-    surrogate = tfd.TransformedDistribution(
-        base, tfb.Chain([constraining, flow]), name=f"{target.name}_surrogate"
-    )
-    return FitResult(
-        flow=flow,
-        surrogate=surrogate,
-        losses=losses,
-        wall_time=wall_time,
-        elbo=elbo,
-        elbo_se=elbo_se,
-        khat=khat,
-        ess_is=ess,
-        num_steps=len(losses),
-        notes=notes,
-        num_diagnostic_draws=num_diagnostic_draws,
-        log_weights=log_w,
-        target_name=target.name,
-        whitening=gaussian,
-        stop_reason=stop_reason,
-        num_grad_evals=(0 if gaussian is None else gaussian.num_grad_evals) + len(losses) * batch_size
-        + num_diagnostic_draws,
-    )
+    khat, ess, notes = psis_diagnostics(log_w)
+    return _Diagnostics(log_w, elbo, elbo_se, khat, ess, notes)
 
 
 def _whiten(target, flow, variables, whiten: bool, seed, notes: list[str]):
@@ -822,57 +727,6 @@ def _whiten(target, flow, variables, whiten: bool, seed, notes: list[str]):
     return gaussian, [v for v in variables if id(v) not in frozen]
 
 
-class _StoppingRule:
-    """Plateau rule on chunk means: lower the learning rate 10x twice, then stop.
-
-    A chunk improves when its mean loss is below the best chunk mean by more
-    than two standard errors of the difference (the steps' losses are
-    independent Monte Carlo estimates). It starts judging after 20 % of the
-    budget (at least 3 chunks), so the early, fast descent is never cut short.
-    """
-
-    patience = 3
-    max_decays = 2
-
-    def __init__(self, num_steps: int, lr_scale: tf.Variable, enabled: bool):
-        self.num_steps, self.lr_scale, self.enabled = num_steps, lr_scale, enabled
-        self.best, self.best_se, self.stale, self.decays = math.inf, 0.0, 0, 0
-        self.last_gain = math.nan
-        self.reason, self.notes = "", []
-        self.seen = 0
-
-    def update(self, step: int, chunk_losses: np.ndarray) -> bool:
-        """Records a finished chunk (``step`` = steps done); True means stop now."""
-        finite = chunk_losses[np.isfinite(chunk_losses)]
-        self.seen += 1
-        if finite.size < 10:
-            return False
-        mean, se = float(finite.mean()), float(finite.std() / math.sqrt(finite.size))
-        threshold = 2.0 * math.sqrt(se**2 + self.best_se**2)
-        self.last_gain = self.best - mean
-        if self.last_gain > threshold or not math.isfinite(self.best):
-            self.best, self.best_se, self.stale = mean, se, 0
-            return False
-        self.stale += 1
-        if not self.enabled or step < max(0.2 * self.num_steps, 3) or self.stale < self.patience:
-            return False
-        if self.decays < self.max_decays:
-            self.decays += 1
-            self.stale = 0
-            self.lr_scale.assign(self.lr_scale * 0.1)
-            self.notes.append(f"step {step}: the loss stopped improving; learning rate lowered 10x")
-            return False
-        self.reason = (f"converged at step {step} of {self.num_steps}: no improvement beyond two "
-                       f"standard errors (best chunk mean {self.best:.4g} +/- {self.best_se:.2g}) in "
-                       f"{self.patience} chunks after {self.max_decays} learning-rate reductions")
-        return True
-
-    def budget_reason(self, step: int) -> str:
-        if self.stale == 0 and math.isfinite(self.last_gain) and self.seen > 1:
-            return (f"budget of {self.num_steps} steps reached while the loss was still improving "
-                    f"(last chunk {self.last_gain:.3g} below the best before): more steps may help")
-        return f"budget of {self.num_steps} steps reached"
-
 
 def _describe(code: int) -> str:
     parts = []
@@ -885,9 +739,6 @@ def _describe(code: int) -> str:
     if code & 8:
         parts.append("log q is not finite")
     return "; ".join(parts) if parts else "non-finite gradient"
-
-
-# -- maximum likelihood fit ------------------------------------------------------------
 
 
 def fit_to_data(
@@ -904,6 +755,7 @@ def fit_to_data(
     progress: bool = True,
     jit_compile: bool = True,
     global_clipnorm: float | None = None,
+    max_recoveries: int = 5,
 ) -> DataFitResult:
     """Fits ``flow`` to samples by maximum likelihood (forward KL), with early stopping.
 
@@ -924,10 +776,72 @@ def fit_to_data(
       progress: show a tqdm progress bar per epoch.
       jit_compile: compile each epoch with XLA.
       global_clipnorm: optional gradient clipping by global norm.
+      max_recoveries: how many epoch rollbacks (each lowering the learning rate
+        4x) are allowed before a ``RuntimeError``; an epoch is rolled back when
+        more than half its steps had a non-finite loss or gradient, or when it
+        left non-finite parameters.
 
     Returns:
       A :class:`DataFitResult`; the flow holds the best epoch's weights.
+
+    Raises:
+      ValueError: bad arguments or data, or a flow of the wrong size.
+      RuntimeError: training kept producing non-finite losses or gradients; the
+        message names the epoch. The flow is left at its last finite parameters.
     """
+    # Arguments and the split.
+    x = _check_data(data, num_epochs, num_steps, validation_fraction)
+    batch_size = check_positive_int(batch_size, "batch_size")
+    patience = check_positive_int(patience, "patience")
+    max_recoveries = check_positive_int(max_recoveries, "max_recoveries", minimum=0)
+    n, d = x.shape
+    dtype = _flow_dtype(flow)
+    variables = _check_flow(flow, d, dtype)
+    if not variables:
+        raise ValueError("the flow has no trainable variables")
+    shuffle_seed, train_seed = split_seed(seed, 2)
+    train_x, val_x = _split_data(x, validation_fraction, shuffle_seed, dtype)
+    batch = min(batch_size, int(train_x.shape[0]))
+    steps_per_epoch = int(train_x.shape[0]) // batch
+    if num_steps is not None:
+        num_steps = check_positive_int(num_steps, "num_steps")
+        num_epochs = math.ceil(num_steps / steps_per_epoch)
+    num_epochs = 100 if num_epochs is None else check_positive_int(num_epochs, "num_epochs")
+
+    # Training, epoch by epoch, keeping the best epoch's weights.
+    base = _standard_normal(d, dtype)
+
+    def log_likelihood(xb):
+        u = flow.inverse(xb)
+        return base.log_prob(u) + flow.inverse_log_det_jacobian(xb, event_ndims=1)
+
+    optimizer, lr_scale = make_optimizer(learning_rate, num_epochs * steps_per_epoch, 1e-3, global_clipnorm)
+    optimizer.build(variables)
+    run_epoch = _epoch_chunk(optimizer, variables, log_likelihood, train_x, train_seed, batch, steps_per_epoch)
+    loop = ResilientLoop(lambda jit: tf.function(run_epoch, jit_compile=jit, autograph=False),
+                         variables=variables, optimizer=optimizer, lr_scale=lr_scale,
+                         max_recoveries=max_recoveries, jit_compile=jit_compile, wording=_EPOCH_WORDING)
+    start = time.perf_counter()
+    epochs = _train_epochs(loop, log_likelihood, train_x, val_x, num_epochs=num_epochs,
+                           steps_per_epoch=steps_per_epoch, patience=patience, progress=progress)
+    restore(variables, epochs.best_weights)
+    wall_time = time.perf_counter() - start
+    return DataFitResult(
+        flow=flow,
+        distribution=tfd.TransformedDistribution(base, flow, name="fitted_flow"),
+        train_log_likelihood=np.asarray(epochs.train_ll),
+        validation_log_likelihood=np.asarray(epochs.val_ll) if val_x is not None else None,
+        best_epoch=epochs.best_epoch,
+        num_epochs=len(epochs.train_ll),
+        num_steps=len(epochs.train_ll) * steps_per_epoch,
+        wall_time=wall_time,
+        stopped_early=epochs.stopped_early,
+        notes=loop.notes,
+    )
+
+
+def _check_data(data: Any, num_epochs: int | None, num_steps: int | None,
+                validation_fraction: float) -> np.ndarray:
     x = np.asarray(data)
     if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1:
         raise ValueError(f"data must be an [n, d] array with n >= 2, got shape {x.shape}")
@@ -937,43 +851,27 @@ def fit_to_data(
         raise ValueError("give num_epochs or num_steps, not both")
     if not (0.0 <= float(validation_fraction) < 1.0):
         raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
-    batch_size = check_positive_int(batch_size, "batch_size")
-    patience = check_positive_int(patience, "patience")
-    n, d = x.shape
-    dtype = _flow_dtype(flow)
-    variables = _check_flow(flow, d, dtype)
-    if not variables:
-        raise ValueError("the flow has no trainable variables")
+    return x
 
-    shuffle_seed, train_seed = split_seed(seed, 2)
-    perm = np.argsort(tf.random.stateless_uniform([n], shuffle_seed, dtype=tf.float64).numpy(), kind="stable")
+
+def _split_data(x: np.ndarray, validation_fraction: float, seed: Any, dtype: tf.DType):
+    """``(train [n - n_val, d], held out [n_val, d] or None)`` after a seeded shuffle."""
+    n = x.shape[0]
+    perm = np.argsort(tf.random.stateless_uniform([n], seed, dtype=tf.float64).numpy(), kind="stable")
     n_val = int(round(float(validation_fraction) * n))
     if validation_fraction > 0 and n_val < 1:
         n_val = 1
     if n - n_val < 1:
         raise ValueError("no training data left after the validation split")
     val_x = tf.constant(x[perm[:n_val]], dtype) if n_val else None
-    train_x = tf.constant(x[perm[n_val:]], dtype)
-    n_train = n - n_val
-    batch = min(batch_size, n_train)
-    steps_per_epoch = n_train // batch
-    if num_steps is not None:
-        num_steps = check_positive_int(num_steps, "num_steps")
-        num_epochs = math.ceil(num_steps / steps_per_epoch)
-    num_epochs = 100 if num_epochs is None else check_positive_int(num_epochs, "num_epochs")
+    return tf.constant(x[perm[n_val:]], dtype), val_x
 
-    base = tfd.MultivariateNormalDiag(tf.zeros([d], dtype), tf.ones([d], dtype))
 
-    def log_likelihood(xb):
-        u = flow.inverse(xb)
-        return base.log_prob(u) + flow.inverse_log_det_jacobian(xb, event_ndims=1)
+def _epoch_chunk(optimizer, variables, log_likelihood, train_x, train_seed, batch: int, steps_per_epoch: int):
+    """The compiled chunk of :func:`fit_to_data`: one epoch of minibatch steps (``count`` is always 1)."""
+    n_train = int(train_x.shape[0])
 
-    total_steps = num_epochs * steps_per_epoch
-    optimizer, lr_scale = _make_optimizer(learning_rate, total_steps, 1e-3, global_clipnorm)
-    optimizer.build(variables)
-    opt_variables = list(optimizer.variables)
-
-    def run_epoch(epoch, attempt):
+    def run_epoch(epoch, count, attempt):
         attempt_seed = tf.random.experimental.stateless_fold_in(train_seed, attempt)
         epoch_seed = tf.random.experimental.stateless_fold_in(attempt_seed, epoch)
         order = tf.argsort(tf.random.stateless_uniform([n_train], epoch_seed))
@@ -985,99 +883,81 @@ def fit_to_data(
             def loss_fn():
                 return -tf.reduce_mean(log_likelihood(xb)), ()
 
-            _, finite, _ = _guarded_step(optimizer, variables, loss_fn)
+            _, finite, _ = guarded_step(optimizer, variables, loss_fn)
             return i + 1, skipped + tf.cast(~finite, tf.int32)
 
         _, skipped = tf.while_loop(lambda i, _: i < steps_per_epoch, body, (tf.constant(0), tf.constant(0)))
-        return skipped
+        # No per-step values kept; which step failed first and why is not tracked.
+        return tf.zeros([0], tf.float64), skipped, tf.constant(-1), tf.constant(0)
 
-    eval_block = 4096
+    return run_epoch
 
-    def mean_ll(data_tensor, fn):
-        total = 0.0
-        m = int(data_tensor.shape[0])
-        for lo in range(0, m, eval_block):
-            total += float(tf.reduce_sum(tf.cast(fn(data_tensor[lo : lo + eval_block]), tf.float64)))
-        return total / m
 
-    compiled_epoch = tf.function(run_epoch, jit_compile=jit_compile, autograph=False)
-    ll_signature = [tf.TensorSpec([None, d], dtype)]
-    compiled_ll = tf.function(
-        log_likelihood, input_signature=ll_signature, jit_compile=jit_compile, autograph=False
-    )
-    notes: list[str] = []
-    train_ll, val_ll = [], []
-    best, best_epoch, best_weights = -np.inf, 0, _snapshot(variables)
-    stopped_early = False
-    recoveries = 0
-    start = time.perf_counter()
-    bar = _progress_bar(num_epochs, "fit_to_data", progress)
-    bar.unit = "epoch"
-    epoch = 0
-    try:
-        while epoch < num_epochs:
-            params_before = _snapshot(variables)
-            opt_before = _snapshot(opt_variables)
-            try:
-                skipped = int(compiled_epoch(tf.constant(epoch), tf.constant(recoveries)))
-            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
-                if not jit_compile or epoch > 0 or "XLA" not in str(err).upper():
-                    raise
-                jit_compile = False
-                notes.append("XLA could not compile the training step; fell back to graph mode")
-                compiled_epoch = tf.function(run_epoch, jit_compile=False, autograph=False)
-                compiled_ll = tf.function(
-                    log_likelihood, input_signature=ll_signature, jit_compile=False, autograph=False
-                )
-                _restore(variables, params_before)
-                _restore(opt_variables, opt_before)
-                continue
-            if skipped > _MAX_SKIP_FRACTION * steps_per_epoch or not _all_finite(variables):
-                _restore(variables, params_before)
-                _restore(opt_variables, opt_before)
-                if recoveries >= 5:
-                    raise RuntimeError(
-                        f"fit_to_data: non-finite loss or gradient in epoch {epoch} persisted "
-                        "after 5 rollbacks with learning-rate reductions"
-                    )
-                recoveries += 1
-                lr_scale.assign(lr_scale * _LR_BACKOFF)
-                notes.append(
-                    f"epoch {epoch}: {skipped} of {steps_per_epoch} steps non-finite; rolled back "
-                    f"and lowered the learning rate to x{float(lr_scale.numpy()):.3g}"
-                )
-                continue
-            if skipped:
-                notes.append(f"epoch {epoch}: {skipped} non-finite steps skipped")
-            train_ll.append(mean_ll(train_x, compiled_ll))
-            score = train_ll[-1]
-            if val_x is not None:
-                val_ll.append(mean_ll(val_x, compiled_ll))
-                score = val_ll[-1]
-            if np.isfinite(score) and score > best:
-                best, best_epoch, best_weights = score, epoch, _snapshot(variables)
+_EPOCH_WORDING = Wording(
+    skipped="epoch {start}: {skipped} non-finite steps skipped",
+    rolled_back="epoch {start}: {skipped} of {steps} steps non-finite; rolled back and lowered the learning "
+                "rate to x{lr_scale:.3g}",
+    gave_up="fit_to_data: non-finite loss or gradient in epoch {start} persisted after {recoveries} rollbacks "
+            "with learning-rate reductions",
+)
+
+
+class _Epochs:
+    """Mean log-likelihoods per epoch, the best epoch (held-out, else training) and its weights."""
+
+    def __init__(self, variables, patience: int):
+        self.variables, self.patience = variables, patience
+        self.train_ll: list[float] = []
+        self.val_ll: list[float] = []
+        self.best, self.best_epoch, self.best_weights = -np.inf, 0, snapshot(variables)
+        self.stopped_early = False
+
+    def record(self, epoch: int, train_ll: float, val_ll: float | None) -> bool:
+        """Records an epoch; ``True`` when ``patience`` epochs passed without a better held-out value."""
+        self.train_ll.append(train_ll)
+        score = train_ll
+        if val_ll is not None:
+            self.val_ll.append(val_ll)
+            score = val_ll
+        if np.isfinite(score) and score > self.best:
+            self.best, self.best_epoch, self.best_weights = score, epoch, snapshot(self.variables)
+        self.stopped_early = val_ll is not None and epoch - self.best_epoch >= self.patience
+        return self.stopped_early
+
+
+def _train_epochs(loop: ResilientLoop, log_likelihood, train_x, val_x, *, num_epochs: int, steps_per_epoch: int,
+                  patience: int, progress: bool) -> _Epochs:
+    signature = [tf.TensorSpec([None, int(train_x.shape[1])], train_x.dtype)]
+
+    @functools.cache
+    def compiled_ll(jit: bool):
+        # Compiled like the epochs: with XLA until the loop fell back to graph mode.
+        return tf.function(log_likelihood, input_signature=signature, jit_compile=jit, autograph=False)
+
+    epochs = _Epochs(loop.variables, patience)
+    with progress_bar(num_epochs, "fit_to_data", progress, unit="epoch") as bar:
+
+        def record(chunk: ChunkReport) -> bool:
+            ll = compiled_ll(loop.jit_compile)
+            train_ll = _mean_log_likelihood(train_x, ll)
+            val_ll = None if val_x is None else _mean_log_likelihood(val_x, ll)
+            stop = epochs.record(chunk.start, train_ll, val_ll)
             bar.update(1)
-            bar.set_postfix(train_ll=f"{train_ll[-1]:.4g}", val_ll=f"{score:.4g}")
-            epoch += 1
-            if val_x is not None and epoch - 1 - best_epoch >= patience:
-                stopped_early = True
-                break
-    finally:
-        bar.close()
-    _restore(variables, best_weights)
-    wall_time = time.perf_counter() - start
-    return DataFitResult(
-        flow=flow,
-        distribution=tfd.TransformedDistribution(base, flow, name="fitted_flow"),
-        train_log_likelihood=np.asarray(train_ll),
-        validation_log_likelihood=np.asarray(val_ll) if val_x is not None else None,
-        best_epoch=best_epoch,
-        num_epochs=len(train_ll),
-        num_steps=len(train_ll) * steps_per_epoch,
-        wall_time=wall_time,
-        stopped_early=stopped_early,
-        notes=notes,
-    )
+            bar.set_postfix(train_ll=f"{train_ll:.4g}", val_ll=f"{train_ll if val_ll is None else val_ll:.4g}")
+            return stop
+
+        loop.run(num_epochs, on_chunk=record, steps_per_unit=steps_per_epoch)
+    return epochs
+
+
+def _mean_log_likelihood(x: tf.Tensor, log_likelihood, block: int = 4096) -> float:
+    total = 0.0
+    m = int(x.shape[0])
+    for lo in range(0, m, block):
+        total += float(tf.reduce_sum(tf.cast(log_likelihood(x[lo : lo + block]), tf.float64)))
+    return total / m
+
+
 
 
 def _flow_dtype(flow: tfb.Bijector) -> tf.DType:
