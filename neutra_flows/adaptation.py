@@ -22,6 +22,11 @@ anyway, as nutpie's normalizing-flow adaptation does (Seyboldt et al.):
   last refit the flow is frozen, NeuTra's latent scale and step size settle,
   and the kept draws follow.
 
+A refit uses the guarded Adam step of :mod:`neutra_flows._training` (a step
+with a non-finite loss or gradient is skipped) but not its rollback loop: a
+refit that goes wrong is rejected whole and the previous flow kept, which is
+always a valid preconditioner.
+
 The training costs no extra transitions, only the gradients at the gathered
 points (one per point, counted in ``num_grad_evals_training``) and some
 computation on the flow. Both losses need ``f^{-1}``, so the flow must have a
@@ -58,7 +63,7 @@ import tensorflow_probability as tfp
 
 from neutra_flows._utils import as_seed
 from neutra_flows.flows import make_flow
-from neutra_flows.vi import _guarded_step, _make_optimizer
+from neutra_flows._training import guarded_step, make_optimizer
 from neutra_flows.whitening import GaussianFit, set_whitening, whitening_layer
 
 tfb = tfp.bijectors
@@ -271,7 +276,7 @@ class _FlowTrainer:
             val_mask=tf.Variable(tf.zeros([val_cap], tf.bool), trainable=False),
         )
         rate = config.learning_rate
-        self.optimizer, _ = _make_optimizer(None, config.train_steps, rate, None)
+        self.optimizer, _ = make_optimizer(None, config.train_steps, rate, None)
         self.optimizer.build(self.variables)
         self.base = tfp.distributions.MultivariateNormalDiag(tf.zeros([d], dtype), tf.ones([d], dtype))
         self._train = tf.function(self._train_chunk, jit_compile=True, autograph=False)
@@ -309,7 +314,7 @@ class _FlowTrainer:
             pick = tf.random.stateless_uniform([self.config.batch_size], step_seed, minval=0,
                                                maxval=b.num_train, dtype=tf.int32)
             xb, gb = tf.gather(b.x, pick), tf.gather(b.g, pick)
-            _, finite, _ = _guarded_step(self.optimizer, self.variables,
+            _, finite, _ = guarded_step(self.optimizer, self.variables,
                                          lambda: (tf.reduce_mean(self.point_loss(xb, gb)), ()))
             return i + 1, seed, skipped + tf.cast(~finite, tf.int32)
 
