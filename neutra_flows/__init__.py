@@ -29,8 +29,8 @@ from neutra_flows import _compat  # noqa: E402
 _compat.apply()
 
 from neutra_flows import adaptation, bijectors, models, plots, targets, whitening  # noqa: E402
-from neutra_flows.adaptation import FlowAdaptation  # noqa: E402
 from neutra_flows._version import __version__  # noqa: E402
+from neutra_flows.adaptation import FlowAdaptation  # noqa: E402
 from neutra_flows.diagnostics import compare  # noqa: E402
 from neutra_flows.flows import FLOW_NAMES, make_flow  # noqa: E402
 from neutra_flows.io import load_flow, save_flow  # noqa: E402

@@ -61,9 +61,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from neutra_flows._training import guarded_step, make_optimizer
 from neutra_flows._utils import as_seed
 from neutra_flows.flows import make_flow
-from neutra_flows._training import guarded_step, make_optimizer
 from neutra_flows.whitening import GaussianFit, set_whitening, whitening_layer
 
 tfb = tfp.bijectors
