@@ -139,3 +139,17 @@ def test_adapter_observes_only_the_window_draws():
     np.testing.assert_array_equal(adapter._points[0].ravel(), np.arange(20, 40))
     adapter.observe(240, 20, buffers)  # after the last refit: not kept
     assert len(adapter._points) == 1
+
+
+def test_bench_adapt_mode_skips_vi_and_writes_its_outputs(tmp_path):
+    from neutra_flows.app.bench import run_benchmark
+
+    result = run_benchmark("banana", adapt=True, flow="affine_tril", num_warmup=200, num_samples=100,
+                           baseline=False, progress=False, log=None, out=tmp_path)
+    assert result.fit is None and list(result.idatas) == ["NeuTra-AFFINE_TRIL-ADAPT-HMC"]
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["fit"] is None and payload["settings"]["adapt"] is True
+    row = payload["table"]["NeuTra-AFFINE_TRIL-ADAPT-HMC"]
+    # The refits' gradients are counted: 4 chains x (warm-up steps 15 ... 119).
+    assert row["grad_evals_training"] == 4 * (120 - 15)
+    assert nf.load_flow(tmp_path / "flow") is not None

@@ -204,7 +204,9 @@ class BenchResult:
     Attributes:
       table: :func:`neutra_flows.compare`'s DataFrame (NeuTra row first).
       goals: ``[(description, met)]``, ``met`` True, False or None (not measurable).
-      fit: the :class:`~neutra_flows.FitResult` of the flow training.
+      fit: the :class:`~neutra_flows.FitResult` of the flow training (None
+        when the flow was adapted on the warm-up draws instead).
+      flow: the flow NeuTra sampled with (trained by ``fit`` or adapted).
       idatas: ``{label: InferenceData}``.
       settings: every setting used (JSON-able).
       files: paths written under ``out`` (empty without ``out``).
@@ -218,6 +220,7 @@ class BenchResult:
     files: list[str] = dataclasses.field(default_factory=list)
     target: Any = None
     view: tuple[int, int] = (0, 1)
+    flow: Any = None
 
     def report(self) -> str:
         """The comparison table and the goals, as printed by the CLI."""
@@ -364,20 +367,23 @@ def _settings(
     seed: int,
     baseline: bool,
     baseline_kernel: str,
+    adapt: bool = False,
 ) -> dict[str, Any]:
     """Every setting of the run (JSON-able): :func:`run_benchmark`'s arguments, else ``spec``'s defaults.
 
     The benchmark's flow options apply to its own flow only; ``flow_options``
     are added on top. ``baseline_kernel`` is None when no baseline runs.
     """
-    flow_name = flow or spec.flow
-    options = dict(spec.flow_options if flow is None or flow == spec.flow else {})
+    # Adapting on the draws needs a flow with a fast inverse: RealNVP unless asked otherwise.
+    flow_name = flow or ("realnvp" if adapt else spec.flow)
+    options = dict(spec.flow_options if flow_name == spec.flow else {})
     options.update(flow_options or {})
     return {
         "target": the_target.name,
         "event_size": int(the_target.event_size),
         "flow": flow_name,
         "flow_options": options,
+        "adapt": bool(adapt),
         "kernel": kernel or spec.kernel,
         "baseline_kernel": baseline_kernel if baseline else None,
         "num_chains": num_chains or spec.num_chains,
@@ -391,7 +397,8 @@ def _settings(
 
 
 def _neutra_label(settings: Mapping[str, Any]) -> str:
-    return f"NeuTra-{settings['flow'].upper()}-{settings['kernel'].upper()}"
+    adapted = "-ADAPT" if settings.get("adapt") else ""
+    return f"NeuTra-{settings['flow'].upper()}{adapted}-{settings['kernel'].upper()}"
 
 
 def _train(the_target: Target, settings: Mapping[str, Any], *, progress: bool,
@@ -401,6 +408,9 @@ def _train(the_target: Target, settings: Mapping[str, Any], *, progress: bool,
         f"NeuTra kernel {settings['kernel']}")
     flow_obj = make_flow(settings["flow"], the_target.event_size, dtype=the_target.dtype,
                          **settings["flow_options"])
+    if settings.get("adapt"):
+        say("no VI fit: the flow is trained on the warm-up draws (adapt_flow=True)")
+        return flow_obj
     fit_kwargs: dict[str, Any] = dict(num_steps=settings["train_steps"],
                                       batch_size=settings["batch_size"], seed=settings["seed"],
                                       progress=progress)
@@ -421,8 +431,9 @@ def _sample_runs(the_target: Target, fit_result: Any, settings: Mapping[str, Any
     common = dict(num_chains=settings["num_chains"], num_warmup=settings["num_warmup"],
                   num_samples=settings["num_samples"], progress=progress)
     seed, baseline_kernel = settings["seed"], settings["baseline_kernel"]
+    adapt = bool(settings.get("adapt"))
     idatas = {_neutra_label(settings): sample(the_target, fit_result, kernel=settings["kernel"],
-                                              seed=seed + 1, **common)}
+                                              adapt_flow=adapt, seed=seed + 1, **common)}
     if baseline_kernel is not None:
         if baseline_idata is None:
             baseline_idata = sample(the_target, None, kernel=baseline_kernel, seed=seed + 2, **common)
@@ -468,6 +479,7 @@ def run_benchmark(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    adapt: bool = False,
 ) -> BenchResult:
     """Trains a flow on ``target``, samples with NeuTra and plain NUTS, compares them.
 
@@ -489,6 +501,9 @@ def run_benchmark(
         the trained flow and PNG plots; ``None`` writes nothing.
       progress: progress bars.
       log: where to print progress lines (``None``: silent).
+      adapt: no VI fit: train the flow (RealNVP unless ``flow`` says otherwise)
+        on NeuTra's own warm-up draws (``sample(..., adapt_flow=True)``); its
+        cost is counted in ``grad_evals_training`` and the warm-up.
 
     Returns:
       A :class:`BenchResult`.
@@ -499,14 +514,16 @@ def run_benchmark(
     settings = _settings(the_target, spec, flow=flow, flow_options=flow_options, kernel=kernel,
                          num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
                          train_steps=train_steps, batch_size=batch_size, learning_rate=learning_rate,
-                         seed=seed, baseline=baseline, baseline_kernel=baseline_kernel)
+                         seed=seed, baseline=baseline, baseline_kernel=baseline_kernel, adapt=adapt)
     if baseline and baseline_idata is not None:
         _check_reused_baseline(baseline_idata, the_target, settings)  # before any training
-    fit_result = _train(the_target, settings, progress=progress, say=say)
-    idatas = _sample_runs(the_target, fit_result, settings, baseline_idata=baseline_idata, progress=progress)
+    trained = _train(the_target, settings, progress=progress, say=say)
+    fit_result = None if settings["adapt"] else trained
+    idatas = _sample_runs(the_target, trained, settings, baseline_idata=baseline_idata, progress=progress)
     table = compare(idatas)
     result = BenchResult(table=table, goals=_judge(table, idatas, the_target, spec, settings), fit=fit_result,
-                         idatas=idatas, settings=settings, target=the_target, view=spec.view)
+                         idatas=idatas, settings=settings, target=the_target, view=spec.view,
+                         flow=getattr(trained, "flow", trained))
     if out is not None:
         write_outputs(result, out)
     return result
@@ -533,7 +550,7 @@ def write_outputs(result: BenchResult, out: str | os.PathLike) -> list[str]:
     for label, idata in result.idatas.items():
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
         idata.to_netcdf(path(f"{safe}.nc"), engine="h5netcdf")
-    save_flow(result.fit.flow, path("flow"), overwrite=True)
+    save_flow(result.flow if result.flow is not None else result.fit.flow, path("flow"), overwrite=True)
     result.files = files
     return files
 
@@ -548,8 +565,9 @@ def _save_figures(result: BenchResult, path: Callable[[str], str], files: list[s
         "trace.png": lambda: plots.plot_trace(next(iter(result.idatas.values())),
                                               coords=tuple(dict.fromkeys(view))),
         "ess_per_grad.png": lambda: plots.plot_ess_per_gradient(result.table),
-        "loss.png": lambda: plots.plot_loss(fit_result.losses),
     }
+    if fit_result is not None:
+        figures["loss.png"] = lambda: plots.plot_loss(fit_result.losses)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -575,7 +593,7 @@ def _results_payload(result: BenchResult, plot_errors: Mapping[str, str]) -> dic
         "settings": result.settings,
         "table": {label: result.table.loc[label].to_dict() for label in result.table.index},
         "goals": [{"goal": d, "met": m} for d, m in result.goals],
-        "fit": {
+        "fit": None if fit_result is None else {
             "wall_time": fit_result.wall_time,
             "elbo": fit_result.elbo,
             "elbo_se": fit_result.elbo_se,

@@ -77,6 +77,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive, default=None, help="VI batch size")
     parser.add_argument("--learning-rate", type=float, default=None, help="initial Adam rate")
     parser.add_argument("--seed", type=_non_negative, default=0, help="seed (default 0)")
+    parser.add_argument("--adapt", action="store_true",
+                        help="no VI fit: train the flow (realnvp by default) on NeuTra's own warm-up "
+                        "draws and gradients (Fisher divergence), keeping a refit only when held-out "
+                        "draws say it is better")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the plain-NUTS baseline run")
     parser.add_argument("--out", default=None,
@@ -208,6 +212,7 @@ def _run(args: argparse.Namespace, target: Any) -> int:
                 learning_rate=args.learning_rate,
                 seed=args.seed,
                 baseline=not args.no_baseline,
+                adapt=args.adapt,
                 baseline_idata=baseline_idata,
                 out=None,
                 progress=not args.quiet,
