@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder for suite.md, suite.json, the figure and per-model outputs")
     suite.add_argument("--seed", type=_non_negative, default=0, help="seed (default 0)")
     suite.add_argument("--quiet", action="store_true", help="no progress lines")
+    suite.add_argument("--adapt", action="store_true",
+                       help="NeuTra's flow is trained on the warm-up draws (as bench --adapt), not by VI")
     sub.add_parser("list", help="list the built-in targets and flows")
     return parser
 
@@ -253,7 +255,7 @@ def _out_subfolders(args: argparse.Namespace) -> list[str]:
 def _run_suite(args: argparse.Namespace) -> int:
     from neutra_flows.app.suite import run_suite, suite_table_markdown
 
-    rows = run_suite(args.models, out=args.out, seed=args.seed,
+    rows = run_suite(args.models, out=args.out, seed=args.seed, **({"adapt": True} if args.adapt else {}),
                      log=None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)))
     print(suite_table_markdown(rows), flush=True)
     print(f"wrote suite.md, suite.json and suite_ess_per_grad.png to {args.out}", flush=True)
