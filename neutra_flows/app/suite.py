@@ -172,6 +172,9 @@ def run_suite(
     say = log or (lambda _m: None)
     models = list(SUITE_MODELS if not models else models)
     settings = {**_PROTOCOL, **protocol}
+    if protocol.get("adapt") and "flow" not in protocol:
+        # Adaptation on the draws needs a fast inverse: bench's default for it (RealNVP).
+        settings.pop("flow")
     unknown = [m for m in models if m not in BENCHMARKS]
     if unknown:
         raise ValueError(f"unknown suite model(s) {unknown}; choose from {list(SUITE_MODELS)}")
