@@ -81,7 +81,7 @@ from neutra_flows._training import (
 )
 from neutra_flows._utils import as_seed, check_positive_int, split_seed
 from neutra_flows.targets import Target
-from neutra_flows.whitening import fit_gaussian, set_whitening, whitening_layer
+from neutra_flows.whitening import whiten_flow, whitening_layer
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -712,20 +712,12 @@ def _diagnose(terms, seed, num_draws: int) -> _Diagnostics:
 
 def _whiten(target, flow, variables, whiten: bool, seed, notes: list[str]):
     """Sets the flow's whitening layer from a Gaussian fit; returns ``(fit, variables to train)``."""
-    layer = whitening_layer(flow)
-    if not whiten or layer is None:
+    gaussian = whiten_flow(target, flow, seed=seed) if whiten else None
+    if gaussian is None:
         return None, variables
-    # A seed of its own (folded in, not split) leaves the training's seeds as they were.
-    gaussian = fit_gaussian(
-        target,
-        seed=tf.random.experimental.stateless_fold_in(as_seed(seed), 0x57484954),
-        full_rank=hasattr(layer, "tril_params"),
-    )
-    set_whitening(layer, gaussian)
     notes.extend(f"whitening: {n}" for n in gaussian.notes)
-    frozen = {id(v) for v in layer.trainable_variables}
+    frozen = {id(v) for v in whitening_layer(flow).trainable_variables}
     return gaussian, [v for v in variables if id(v) not in frozen]
-
 
 
 def _describe(code: int) -> str:

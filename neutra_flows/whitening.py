@@ -53,7 +53,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
 
-from neutra_flows._utils import split_seed
+from neutra_flows._utils import as_seed, split_seed
 
 tfd = tfp.distributions
 
@@ -422,3 +422,19 @@ def set_whitening(layer: Any, gaussian: GaussianFit) -> None:
         layer.tril_params.assign(tf.cast(tfp.math.fill_triangular_inverse(tf.constant(raw)), dtype))
     else:
         layer.log_scale.assign(tf.constant(log_diag, dtype))
+
+
+def whiten_flow(target: Any, flow: Any, *, seed: Any) -> GaussianFit | None:
+    """Fits a Gaussian to ``target`` (:func:`fit_gaussian`) and writes it into
+    ``flow``'s whitening layer; None (and nothing done) when the flow has none.
+
+    The seed is folded in (not split) so that a caller's other seeds stay as
+    they were.
+    """
+    layer = whitening_layer(flow)
+    if layer is None:
+        return None
+    gaussian = fit_gaussian(target, seed=tf.random.experimental.stateless_fold_in(as_seed(seed), 0x57484954),
+                            full_rank=hasattr(layer, "tril_params"))
+    set_whitening(layer, gaussian)
+    return gaussian
