@@ -93,7 +93,7 @@ def test_too_few_points_skip_the_refit_with_a_note():
 def test_the_refit_learns_a_badly_scaled_gaussian():
     mean, std = np.array([3.0, -1.0]), np.array([10.0, 0.1])
     target = _gaussian(mean, std)
-    flow, trainer = _trainer(target, train_steps=300, learning_rate=5e-2)
+    flow, trainer = _trainer(target, train_steps=400, learning_rate=0.1)
     x = np.random.default_rng(2).normal(size=[200, 2]) * std + mean
     record, _ = trainer.refit(100, x, trainer.gradients(x), tf.constant([3, 4]), from_moments=False)
     assert record.accepted and record.loss_after < 0.05 * record.loss_before
