@@ -90,7 +90,7 @@ class FlowAdaptation:
       objective: ``"fisher"`` (default) or ``"forward_kl"``.
       flow: the flow built for ``sample(target, "adapt")`` (one of
         :data:`FAST_INVERSE_FLOWS`).
-      start: how a fresh flow starts (a given flow starts as it is):
+      start: how the flow starts (a FitResult's trained flow starts as it is):
         ``"whitening"`` (default) sets its whitening layer first from
         :func:`neutra_flows.whitening.fit_gaussian` (MAP, Laplace, deterministic
         ADVI; the identity where none fits, as on funnels), whose gradients are
@@ -176,15 +176,16 @@ class FlowAdapter:
     """
 
     def __init__(self, target: Any, flow: tfb.Bijector | None, *, config: FlowAdaptation, num_warmup: int,
-                 num_chains: int, seed: Any):
+                 num_chains: int, seed: Any, trained: bool = False):
         self.config = config
         self.boundaries = config.boundaries(num_warmup)
         self.last_boundary = self.boundaries[-1]
         # The first half of the first window is the chains' transient from their starts.
         self.first_step = self.boundaries[0] // 2
         self.target = target
-        fresh = flow is None
-        self.flow = make_flow(config.flow, int(target.event_size), dtype=target.dtype) if fresh else flow
+        self.flow = make_flow(config.flow, int(target.event_size), dtype=target.dtype) if flow is None else flow
+        # A flow from fit (trained) starts as it is; any other starts as config.start says.
+        fresh = not trained
         _check_fast_inverse(self.flow)
         self.refits: list[Refit] = []
         self.num_grad_evals = 0
@@ -198,7 +199,10 @@ class FlowAdapter:
         self._points: list[np.ndarray] = []
         self._gradients: list[np.ndarray] = []
         self._seed = as_seed(seed)
-        self._trainer = _FlowTrainer(target, self.flow, config)
+        # Like fit, the whitening stage's Gaussian stays fixed: Adam steps sized for
+        # the coupling layers would wreck a covariance with condition number 1e8.
+        frozen = [] if self.whitening is None else whitening_layer(self.flow).trainable_variables
+        self._trainer = _FlowTrainer(target, self.flow, config, frozen=frozen)
 
     def observe(self, done: int, n: int, buffers: dict) -> None:
         """Keeps the chains' points of warm-up steps ``done ... done + n - 1`` from ``first_step`` on."""
@@ -285,11 +289,12 @@ class _FlowTrainer:
     check_every = 50
     patience = 3
 
-    def __init__(self, target: Any, flow: tfb.Bijector, config: FlowAdaptation):
+    def __init__(self, target: Any, flow: tfb.Bijector, config: FlowAdaptation, frozen: Any = ()):
         self.target, self.flow, self.config = target, flow, config
         d, dtype = int(target.event_size), target.dtype
         self.d, self.dtype = d, dtype
-        self.variables = list(flow.trainable_variables)
+        skip = {id(v) for v in frozen}
+        self.variables = [v for v in flow.trainable_variables if id(v) not in skip]
         cap = config.max_points
         val_cap = math.ceil(cap * config.validation_fraction)
         self.buffers = _Buffers(

@@ -393,7 +393,9 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
         target and its gradient re-evaluated there; the step-size and ChEES
         adaptation keep their state.
         """
-        return self._rebootstrap(results, init_state=tf.convert_to_tensor(state, self.target.dtype))
+        # A new tensor: the bijector cache must not hand back the old flow's pull-back.
+        state = tf.identity(tf.convert_to_tensor(state, self.target.dtype))
+        return self._rebootstrap(results, init_state=state)
 
     def _rebootstrap(self, results: Any, ratio: Any = None, init_state: Any = None) -> Any:
         """Results for the same ``z`` after the latent scale was divided by ``ratio``
@@ -1018,7 +1020,8 @@ def _resolve_flow(target, flow, adapt_flow, settings):
     if flow is None:
         raise ValueError("adapt_flow needs a flow to refine, or flow='adapt' to start from a fresh one")
     adapter = FlowAdapter(target, bijector, config=config, num_warmup=settings.num_warmup,
-                          num_chains=settings.num_chains, seed=settings.init_seed)
+                          num_chains=settings.num_chains, seed=settings.init_seed,
+                          trained=training_time is not None)
     return adapter.flow, training_time, adapter
 
 

@@ -46,6 +46,17 @@ _PROTOCOL = dict(flow="iaf", kernel="hmc", num_chains=4, num_warmup=1000, num_sa
                  train_steps=2000, batch_size=256)
 
 
+def _fit_figures(result: Any) -> dict[str, Any]:
+    """The VI fit's figures; with the flow adapted on the draws, its refits instead."""
+    if result.fit is None:
+        attrs = next(iter(result.idatas.values())).posterior.attrs
+        return {"khat": math.nan, "whitening": attrs.get("flow_adaptation_start", "none"),
+                "fit_stop": f"adapted on the draws: {attrs.get('flow_refits_accepted', 0)} refits kept"}
+    fit = result.fit
+    return {"khat": float(fit.khat), "fit_stop": fit.stop_reason,
+            "whitening": fit.whitening.method if fit.whitening is not None else "none"}
+
+
 def _row(name: str, result: Any, seconds: float) -> dict[str, Any]:
     table = result.table
     neutra, nuts = table.iloc[0], table.iloc[1]
@@ -75,9 +86,7 @@ def _row(name: str, result: Any, seconds: float) -> dict[str, Any]:
         "nuts_max_bias_mcse": float(nuts.get("max_abs_error_mcse", math.nan)),
         "neutra_std_ratio": [float(neutra.get("min_std_ratio", math.nan)),
                              float(neutra.get("max_std_ratio", math.nan))],
-        "khat": float(result.fit.khat),
-        "whitening": result.fit.whitening.method if result.fit.whitening is not None else "none",
-        "fit_stop": result.fit.stop_reason,
+        **_fit_figures(result),
         "neutra_correct": None if not correctness or any(m is None for m in correctness) else all(correctness),
         "goals": [{"goal": d, "met": m} for d, m in result.goals],
         "seconds": seconds,
