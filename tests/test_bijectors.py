@@ -268,6 +268,22 @@ def test_mlp_with_empty_input_is_a_learned_constant():
     np.testing.assert_allclose(out[..., 0, :], np.broadcast_to([0.5, -1.0], (3, 4, 2)))
 
 
+def test_spline_layers_are_coupling_or_iaf_layers_with_the_spline():
+    made = MADE(3, 3 * 4 - 1, hidden_units=[8])
+    layer = nfb.NeuralSplineFlow(made, num_bins=4, bound=3.0, autoregressive=True)
+    assert isinstance(layer, nfb.IAF) and isinstance(layer.transformer, nfb.RationalQuadraticTransformer)
+    mlp = MLP(1, (2, 11), hidden_units=[8])
+    layer = nfb.NeuralSplineFlow(mlp, num_bins=4, num_masked=1, logit_scale=0.5, name="spline")
+    assert isinstance(layer, nfb.Coupling) and layer.name == "spline"
+    assert layer.transformer.num_params == 11 and layer.transformer.logit_scale == 0.5
+    with pytest.raises(ValueError, match="num_masked"):
+        nfb.NeuralSplineFlow(mlp)
+    with pytest.raises(ValueError, match="num_masked"):
+        nfb.NeuralSplineFlow(made, autoregressive=True, num_masked=1)
+    with pytest.raises(ValueError, match="AffineTransformer"):
+        nfb.RealNVP(mlp, num_masked=1, transformer=layer.transformer)
+
+
 def test_spline_tails_are_identity_with_finite_gradients():
     transformer = nfb.RationalQuadraticTransformer(num_bins=5, bound=2.0)
     rng = np.random.default_rng(0)
