@@ -22,9 +22,9 @@ same outputs to the last bit.
 
 Version 1 folders (no ``content_sha256``) still load, with a warning that
 their header is not protected, except coupling spline flows (``nsf`` with
-``event_size > 1``), whose parameterisation changed with version 2 (see
-`neutra_flows.bijectors.NeuralSplineFlow`): their weights would mean another
-flow, so loading them is an error. Loading and saving again upgrades a
+``event_size > 1``), whose parameterisation changed with version 2 (the
+``logit_scale`` of `neutra_flows.bijectors.RationalQuadraticTransformer`):
+their weights would mean another flow, so loading them is an error. Loading and saving again upgrades a
 folder to version 2.
 
 `save_flow(..., overwrite=True)` replaces only the two files it writes; any

@@ -11,6 +11,16 @@ drawn from explicit integer seeds, so the same seed gives the same network.
 
 Keras 3 objects break TFP silently, hence `tf_keras` everywhere.
 
+**Why not `tfb.AutoregressiveNetwork`.** TFP's MADE has the same output
+layout, but it gives the hidden units other degrees (``"equal"``: sorted
+blocks, ``ceil(k (d - 1) / (units + 1))``, where `made_masks` cycles through
+``1..d-1``) and one kernel initializer for every layer, so neither a
+zero-initialised output layer under Glorot hidden layers (a fresh flow is the
+identity and can still learn) nor per-layer seeds can be had from it. Above
+all, a saved flow's weights only mean the network they were trained in: with
+other masks every `weights.npz` written so far would load into a different
+flow.
+
 References:
   Germain, M., Gregor, K., Murray, I. and Larochelle, H. (2015). MADE: Masked
   Autoencoder for Distribution Estimation. arXiv:1502.03509.
@@ -88,6 +98,20 @@ def _unflatten_batch(h: tf.Tensor, like: tf.Tensor, trailing: Sequence[int]) -> 
 class _Dense(tf_keras.layers.Layer):
     """Shared machinery: a stack of (optionally masked) dense layers on ``[N, fan_in]``."""
 
+    def __init__(
+        self, hidden_units: Sequence[int], activation: str, seed: int, *, dtype: Any, name: str | None, **kwargs
+    ):
+        super().__init__(dtype=canonical_dtype(dtype), name=name, **kwargs)
+        self.hidden_units = _check_hidden_units(hidden_units)
+        self.activation = activation
+        self.seed = seed
+        self._activation_fn = tf_keras.activations.get(activation)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(hidden_units=list(self.hidden_units), activation=self.activation, seed=self.seed)
+        return config
+
     def _make_weights(self, sizes: list[int], *, seed: int) -> None:
         seeds = _layer_seeds(seed, len(sizes) - 1)
         self._kernels, self._biases = [], []
@@ -155,13 +179,9 @@ class MADE(_Dense):
         name: str | None = None,
         **kwargs: Any,
     ):
-        super().__init__(dtype=canonical_dtype(dtype), name=name, **kwargs)
+        super().__init__(hidden_units, activation, seed, dtype=dtype, name=name, **kwargs)
         self.event_size = check_positive_int(event_size, "event_size")
         self.num_params = check_positive_int(num_params, "num_params")
-        self.hidden_units = _check_hidden_units(hidden_units)
-        self.activation = activation
-        self.seed = seed
-        self._activation_fn = tf_keras.activations.get(activation)
         masks = made_masks(self.event_size, self.num_params, self.hidden_units)
         # Converted once: a flow's sequential direction calls the network d times.
         self._masks = tuple(tf.constant(m, dtype=self.dtype) if tf.executing_eagerly() else m for m in masks)
@@ -175,13 +195,7 @@ class MADE(_Dense):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update(
-            event_size=self.event_size,
-            num_params=self.num_params,
-            hidden_units=list(self.hidden_units),
-            activation=self.activation,
-            seed=self.seed,
-        )
+        config.update(event_size=self.event_size, num_params=self.num_params)
         return config
 
 
@@ -214,13 +228,9 @@ class MLP(_Dense):
         name: str | None = None,
         **kwargs: Any,
     ):
-        super().__init__(dtype=canonical_dtype(dtype), name=name, **kwargs)
+        super().__init__(hidden_units, activation, seed, dtype=dtype, name=name, **kwargs)
         self.input_size = check_positive_int(input_size, "input_size", minimum=0)
         self.target_shape = [check_positive_int(s, "output_shape entry") for s in output_shape]
-        self.hidden_units = _check_hidden_units(hidden_units)
-        self.activation = activation
-        self.seed = seed
-        self._activation_fn = tf_keras.activations.get(activation)
         num_out = int(np.prod(self.target_shape))
         if self.input_size > 0:
             self._make_weights([self.input_size, *self.hidden_units, num_out], seed=seed)
@@ -248,11 +258,5 @@ class MLP(_Dense):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update(
-            input_size=self.input_size,
-            output_shape=list(self.target_shape),
-            hidden_units=list(self.hidden_units),
-            activation=self.activation,
-            seed=self.seed,
-        )
+        config.update(input_size=self.input_size, output_shape=list(self.target_shape))
         return config

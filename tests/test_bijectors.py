@@ -1,10 +1,14 @@
-"""Property tests of every registered flow, driven by one registry (`FLOWS`).
+"""Property tests of every registered flow, driven by one registry (`FLOWS`, tests/flow_training.py).
 
-Flows under test are *randomly perturbed* (every variable set to small random
-values from a fixed NumPy seed) so that they are far from the identity they
-start as; round trips of an identity map would prove nothing. Every inverse
-call gets a fresh tensor (`tf.identity`) so TFP's bijector cache cannot answer
-it. Built flows are cached per (name, event size, dtype) to keep the suite fast.
+For each flow, at event sizes 1, 2 and 5 with batch shapes of rank 0, 1 and
+2: the round trip both ways, ``fldj(x) == -ildj(f(x))``, the log-det against
+``slogdet`` of the autodiff Jacobian in float64, finite values and gradients
+far out in the tails, eager == `tf.function` == XLA, the identity at
+initialisation and a non-zero gradient there. Flows are first trained a few
+Adam steps away from the identity (a round trip of the identity proves
+nothing), and every call that must not be answered by TFP's bijector cache
+gets a fresh tensor (`tf.identity`). Trained flows are cached per (name,
+event size, dtype) to keep the suite fast.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
-from flow_training import TRAIN_RATE, train_away
+from flow_training import FLOWS, TRAIN_RATE, jacobian, perturb, train_away
 
 from neutra_flows import bijectors as nfb
 from neutra_flows.flows import FLOW_NAMES, make_flow
@@ -24,28 +28,11 @@ from neutra_flows.nn import MADE, MLP
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
-# whitening="none": the whitening layer is an AffineLowerTriangular, checked by
-# the affine_tril entry; `fit` sets it by a Gaussian fit, not by Adam.
-SMALL = {"num_layers": 2, "hidden_units": [8, 8], "whitening": "none"}
-# One line per flow: the options that keep it small (a new flow costs one entry).
-FLOWS: dict[str, dict] = {
-    "iaf": SMALL,
-    "maf": SMALL,
-    "realnvp": SMALL,
-    "nsf": {**SMALL, "num_bins": 4, "bound": 3.0},
-    "nsf_ar": {**SMALL, "num_bins": 4, "bound": 3.0},
-    "affine_diag": {},
-    "affine_tril": {},
-    "identity": {},
-}
 NAMES = list(FLOWS)
-SIZES = [1, 2, 5, 16]
-BATCH_SHAPES = [(), (7,), (3, 4)]
-# float32: two trained 4-bin spline layers at d = 16 behind a trained output
-# affine lose up to ~5e-4 in a round trip (an untrained-to-trained map that
-# does not invert misses by O(1)); float64 checks 1e-9.
-TOL = {tf.float32: dict(rtol=1e-3, atol=1e-3), tf.float64: dict(rtol=1e-9, atol=1e-9)}
-PERTURB_SCALE = 0.3
+# (event size, batch shape): every size meets a batch shape of another rank.
+CASES = [(1, ()), (2, (7,)), (5, (3, 4))]
+SIZES = [d for d, _ in CASES]
+TOL64 = dict(rtol=1e-9, atol=1e-9)
 # Far out (|x| = 50) the networks' raw outputs grow linearly and a trained
 # layer's scale saturates at e^5: float32 cannot invert such a map to 1e-4.
 # The tail checks train at a milder rate.
@@ -53,15 +40,9 @@ MILD_RATE = 0.005
 
 
 @functools.cache
-def fresh_flow(name: str, event_size: int, dtype: tf.DType = tf.float32):
-    return make_flow(name, event_size, dtype=dtype, **FLOWS[name])
-
-
-@functools.cache
-def trained_flow(name: str, event_size: int, dtype: tf.DType = tf.float32, rate: float = TRAIN_RATE):
+def trained_flow(name: str, event_size: int, dtype: tf.DType = tf.float64, rate: float = TRAIN_RATE):
     """The flow after a few Adam steps (tests/flow_training.py): far from the identity, as in use."""
-    flow = make_flow(name, event_size, dtype=dtype, **FLOWS[name])
-    return train_away(flow, event_size, dtype, rate=rate)
+    return train_away(FLOWS[name](event_size, dtype=dtype), event_size, dtype, rate=rate)
 
 
 def draw(shape, dtype, *, seed=0, scale=2.0, clip=5.0):
@@ -69,78 +50,70 @@ def draw(shape, dtype, *, seed=0, scale=2.0, clip=5.0):
     return tf.constant(np.clip(scale * rng.normal(size=shape), -clip, clip), dtype)
 
 
-def tiled_jacobian(fn, x):
-    """``J[n, i, j] = d fn(x)[n, i] / d x[n, j]`` with one GradientTape pass.
-
-    Each example is repeated ``d`` times and copy ``i`` back-propagates the
-    unit vector ``e_i``, so one reverse pass yields every row of every
-    per-example Jacobian (what `batch_jacobian` computes with ``d`` passes).
-    """
-    n, d = x.shape
-    tiled = tf.repeat(x, d, axis=0)
-    eye = tf.tile(tf.eye(d, dtype=x.dtype), [n, 1])
-    with tf.GradientTape() as tape:
-        tape.watch(tiled)
-        y = fn(tiled)
-    return tf.reshape(tape.gradient(y, tiled, output_gradients=eye), [n, d, d])
+def test_every_registered_flow_is_under_test():
+    assert set(FLOWS) == set(FLOW_NAMES)
 
 
-def test_the_issue_2_flows_are_registered():
-    # The flows added later (naf, bnaf, ...) are covered by tests/test_more_flows.py.
-    assert set(FLOWS) <= set(FLOW_NAMES)
+def test_jacobian_matches_batch_jacobian():
+    flow = trained_flow("iaf", 5)
+    x = draw((4, 5), tf.float64)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y = flow.forward(tf.identity(x))
+    expected = tape.batch_jacobian(y, x, experimental_use_pfor=False)
+    np.testing.assert_allclose(jacobian(flow.forward, x), expected, rtol=1e-12, atol=1e-12)
 
 
-# ------------------------------------------------------------------ round trips
+# ------------------------------------------------------------------ round trips and log-dets
 
 
-# float32 at every batch shape and float64 (the tight tolerance) at the richest
-# one; at d = 16 (the slowest case eagerly: 32 network passes per sequential
-# solve) float32 at the richest batch shape only.
-ROUND_TRIP_CASES = [
-    (d, shape, dtype)
-    for d in SIZES
-    for shape, dtype in [*((s, tf.float32) for s in BATCH_SHAPES), ((3, 4), tf.float64)]
-    if d < 16 or (shape, dtype) == ((3, 4), tf.float32)
-]
-
-
-@pytest.mark.parametrize(
-    "event_size,batch_shape,dtype", ROUND_TRIP_CASES, ids=lambda v: getattr(v, "name", str(v))
-)
+@pytest.mark.parametrize("event_size,batch_shape", CASES, ids=str)
 @pytest.mark.parametrize("name", NAMES)
-def test_round_trip_and_log_det_signs(name, event_size, batch_shape, dtype):
-    flow = trained_flow(name, event_size, dtype)
-    tol = TOL[dtype]
-    x = draw((*batch_shape, event_size), dtype, seed=event_size)
-
+def test_round_trip_and_log_det_signs(name, event_size, batch_shape):
+    flow = trained_flow(name, event_size)
+    x = draw((*batch_shape, event_size), tf.float64, seed=event_size)
     y = flow.forward(x)
-    assert y.shape == x.shape and y.dtype == dtype
-    np.testing.assert_allclose(flow.inverse(tf.identity(y)), x, **tol)
-
+    assert y.shape == x.shape and y.dtype == tf.float64
+    np.testing.assert_allclose(flow.inverse(tf.identity(y)), x, **TOL64)
     # The other way round, from a point of the output space.
-    y2 = draw((*batch_shape, event_size), dtype, seed=100 + event_size)
-    x2 = flow.inverse(y2)
-    np.testing.assert_allclose(flow.forward(tf.identity(x2)), y2, **tol)
+    y2 = draw((*batch_shape, event_size), tf.float64, seed=100 + event_size)
+    np.testing.assert_allclose(flow.forward(tf.identity(flow.inverse(y2))), y2, **TOL64)
 
-    # ildj(f(x)) == -fldj(x). The same tensors on purpose: MAF's forward
-    # log-det is -ildj(forward(x)) and IAF's inverse log-det -fldj(inverse(y))
-    # by construction, so the cache may supply that other direction; the
-    # log-dets themselves are checked against autodiff below.
-    ildj = flow.inverse_log_det_jacobian(y, event_ndims=1)
     fldj = flow.forward_log_det_jacobian(x, event_ndims=1)
+    ildj = flow.inverse_log_det_jacobian(tf.identity(y), event_ndims=1)
     assert fldj.shape == batch_shape and ildj.shape == batch_shape
     assert np.all(np.isfinite(fldj))
-    np.testing.assert_allclose(ildj, -fldj, **tol)
-
+    np.testing.assert_allclose(ildj, -fldj, **TOL64)
     if name != "identity":
         # A trained flow must really move points, or the checks above are void.
         assert np.max(np.abs(y - x)) > 1e-3
 
 
+@pytest.mark.parametrize("event_size,batch_shape", CASES, ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_log_det_matches_autodiff_jacobian(name, event_size, batch_shape):
+    flow = trained_flow(name, event_size)
+    x = draw((*batch_shape, event_size), tf.float64, seed=7)
+    _, expected = tf.linalg.slogdet(jacobian(flow.forward, x))
+    fldj = flow.forward_log_det_jacobian(tf.identity(x), event_ndims=1)
+    np.testing.assert_allclose(fldj, expected, rtol=1e-8, atol=1e-8)
+    if name != "identity" and (event_size > 1 or name != "lu_linear"):
+        # Trained: the log-det is far from trivial too.
+        assert np.max(np.abs(fldj)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["iaf", "maf", "nsf_ar", "naf", "bnaf"])
+def test_autoregressive_jacobian_is_triangular(name):
+    layer = trained_flow(name, 5).layers[0]
+    jac = jacobian(layer.forward, draw((3, 5), tf.float64)).numpy()
+    np.testing.assert_array_equal(np.triu(jac, k=1), 0.0)
+    assert np.max(np.abs(np.tril(jac, k=-1))) > 1e-6
+
+
 @pytest.mark.parametrize("event_size", [2, 5])
 def test_coupling_spline_inverts_after_training(event_size):
-    # The issue's case: make_flow("nsf", d) with its defaults after 10 Adam steps
-    # at rate 0.05 missed by O(1) in a round trip before the logit scaling.
+    # make_flow("nsf", d) with its defaults after 10 Adam steps at rate 0.05
+    # missed by O(1) in a round trip before the logits were scaled.
     flow = train_away(make_flow("nsf", event_size), event_size)
     x = draw((64, event_size), tf.float32, seed=3, clip=6.0)
     y = flow.forward(x)
@@ -148,42 +121,6 @@ def test_coupling_spline_inverts_after_training(event_size):
     np.testing.assert_allclose(flow.inverse(tf.identity(y)), x, rtol=1e-3, atol=1e-3)
     ldj = flow.forward_log_det_jacobian(x, event_ndims=1)
     np.testing.assert_allclose(flow.inverse_log_det_jacobian(tf.identity(y), event_ndims=1), -ldj, atol=1e-3)
-
-
-# ------------------------------------------------------------------ log-dets
-
-
-def test_tiled_jacobian_matches_batch_jacobian():
-    flow = trained_flow("iaf", 5, tf.float64)
-    x = draw((4, 5), tf.float64)
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(x)
-        y = flow.forward(tf.identity(x))
-    expected = tape.batch_jacobian(y, x, experimental_use_pfor=False)
-    np.testing.assert_allclose(tiled_jacobian(flow.forward, x), expected, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("event_size", SIZES)
-@pytest.mark.parametrize("name", NAMES)
-def test_log_det_matches_autodiff_jacobian(name, event_size):
-    flow = trained_flow(name, event_size, tf.float64)
-    x = draw((12, event_size), tf.float64, seed=7)
-    jac = tiled_jacobian(flow.forward, x)
-    _, expected = np.linalg.slogdet(jac.numpy())
-    y = flow.forward(x)
-    np.testing.assert_allclose(flow.forward_log_det_jacobian(x, event_ndims=1), expected, rtol=1e-8, atol=1e-8)
-    # A fresh tensor: the inverse log-det is computed from y alone.
-    ildj = flow.inverse_log_det_jacobian(tf.identity(y), event_ndims=1)
-    np.testing.assert_allclose(ildj, -expected, rtol=1e-8, atol=1e-8)
-
-
-@pytest.mark.parametrize("name", ["iaf", "maf", "nsf_ar"])
-def test_autoregressive_jacobian_is_triangular(name):
-    flow = trained_flow(name, 5, tf.float64)
-    layer = flow.layers[0]
-    jac = tiled_jacobian(layer.forward, draw((3, 5), tf.float64)).numpy()
-    np.testing.assert_array_equal(np.triu(jac, k=1), 0.0)
-    assert np.max(np.abs(np.tril(jac, k=-1))) > 1e-6
 
 
 # ------------------------------------------------------------------ tails and gradients
@@ -238,38 +175,30 @@ def _all_directions(flow, with_gradients):
     return fn
 
 
-# Tracing and XLA-compiling cost seconds per flow, so this runs at one batch
-# shape, for every flow at d = 5, and at d = 1 for the coupling layer whose
-# conditioner then has an empty input. For IAF, the NeuTra default, the
-# compiled function also differentiates through its d-step inverse loop (the
-# loop that MAF's forward and the AR spline's inverse share); compiling that
-# gradient for every looping flow would double the cost of this test.
+# Tracing and XLA-compiling cost seconds per flow, so this runs one layer at
+# one batch shape, for every flow at d = 5, and at d = 1 for the coupling
+# layer whose conditioner then has an empty input. For IAF, the NeuTra
+# default, the compiled function also differentiates through its d-step
+# inverse loop (the loop that MAF's forward and the AR spline's inverse
+# share); compiling that gradient for every looping flow would double the
+# cost of this test.
 XLA_CASES = [(name, 5) for name in NAMES] + [("realnvp", 1)]
-
-
-@functools.cache
-def one_layer_flow(name: str, event_size: int):
-    options = {**FLOWS[name], "num_layers": 1} if "num_layers" in FLOWS[name] else FLOWS[name]
-    flow = make_flow(name, event_size, **options)
-    rng = np.random.default_rng(4321)
-    for var in flow.variables:
-        var.assign(rng.normal(scale=PERTURB_SCALE, size=var.shape).astype(np.float32))
-    return flow
 
 
 @pytest.mark.parametrize("name,event_size", XLA_CASES)
 def test_eager_function_and_xla_agree(name, event_size):
     # One layer: XLA compile time grows with the graph, and stacking is
     # exercised eagerly by every other test.
-    flow = one_layer_flow(name, event_size)
-    x = draw((3, 4, event_size), tf.float32, seed=5)
+    one_layer = {"num_layers": 1} if "num_layers" in FLOWS[name].keywords else {}
+    flow = perturb(FLOWS[name](event_size, dtype=tf.float64, **one_layer), seed=4321)
+    x = draw((3, 4, event_size), tf.float64, seed=5)
     fn = _all_directions(flow, with_gradients=name == "iaf")
     eager = fn(x)
     graph = tf.function(fn, autograph=False)(tf.identity(x))
     xla = tf.function(fn, autograph=False, jit_compile=True)(tf.identity(x))
     for e, g, c in zip(eager, graph, xla, strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(c, e, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(g, e, **TOL64)
+        np.testing.assert_allclose(c, e, **TOL64)
     if name == "iaf":
         assert len(eager) == 4 + len(flow.trainable_variables)
         assert all(np.max(np.abs(g)) > 0 for g in eager[4:])
@@ -281,11 +210,14 @@ def test_eager_function_and_xla_agree(name, event_size):
 @pytest.mark.parametrize("event_size", SIZES)
 @pytest.mark.parametrize("name", NAMES)
 def test_untrained_flow_is_the_identity(name, event_size):
-    flow = fresh_flow(name, event_size, tf.float32)
+    flow = FLOWS[name](event_size)
     x = draw((7, event_size), tf.float32, seed=2)
-    np.testing.assert_allclose(flow.forward(x), x, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(flow.forward_log_det_jacobian(x, event_ndims=1), np.zeros(7), atol=1e-6)
-    np.testing.assert_allclose(flow.inverse(tf.identity(x)), x, rtol=1e-6, atol=1e-6)
+    # NAF and BNAF are the identity up to rounding (a logit of a sigmoid, a
+    # product of exponentials); the others exactly.
+    atol = 2e-6 if name in ("naf", "bnaf") else 1e-6
+    np.testing.assert_allclose(flow.forward(x), x, rtol=1e-6, atol=atol)
+    np.testing.assert_allclose(flow.forward_log_det_jacobian(x, event_ndims=1), np.zeros(7), atol=2e-6)
+    np.testing.assert_allclose(flow.inverse(tf.identity(x)), x, rtol=1e-6, atol=atol)
 
 
 @pytest.mark.parametrize("event_size", [1, 5])
@@ -293,7 +225,7 @@ def test_untrained_flow_is_the_identity(name, event_size):
 def test_untrained_flow_can_start_learning(name, event_size):
     # Zero output layers must not be a dead point for training: the loss of
     # a VI step has a non-zero gradient.
-    flow = fresh_flow(name, event_size, tf.float32)
+    flow = FLOWS[name](event_size)
     x = draw((7, event_size), tf.float32, seed=2)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum((flow.forward(x) - 1.0) ** 2) - tf.reduce_sum(
@@ -334,6 +266,22 @@ def test_mlp_with_empty_input_is_a_learned_constant():
     out = mlp(tf.zeros([3, 4, 0]))
     assert out.shape == (3, 4, 1, 2)
     np.testing.assert_allclose(out[..., 0, :], np.broadcast_to([0.5, -1.0], (3, 4, 2)))
+
+
+def test_spline_layers_are_coupling_or_iaf_layers_with_the_spline():
+    made = MADE(3, 3 * 4 - 1, hidden_units=[8])
+    layer = nfb.NeuralSplineFlow(made, num_bins=4, bound=3.0, autoregressive=True)
+    assert isinstance(layer, nfb.IAF) and isinstance(layer.transformer, nfb.RationalQuadraticTransformer)
+    mlp = MLP(1, (2, 11), hidden_units=[8])
+    layer = nfb.NeuralSplineFlow(mlp, num_bins=4, num_masked=1, logit_scale=0.5, name="spline")
+    assert isinstance(layer, nfb.Coupling) and layer.name == "spline"
+    assert layer.transformer.num_params == 11 and layer.transformer.logit_scale == 0.5
+    with pytest.raises(ValueError, match="num_masked"):
+        nfb.NeuralSplineFlow(mlp)
+    with pytest.raises(ValueError, match="num_masked"):
+        nfb.NeuralSplineFlow(made, autoregressive=True, num_masked=1)
+    with pytest.raises(ValueError, match="AffineTransformer"):
+        nfb.RealNVP(mlp, num_masked=1, transformer=layer.transformer)
 
 
 def test_spline_tails_are_identity_with_finite_gradients():
@@ -404,21 +352,21 @@ def test_affine_lower_triangular_matches_its_matrix():
 # ------------------------------------------------------------------ TFP citizenship
 
 
-@pytest.mark.parametrize("name", ["iaf", "nsf"])
+@pytest.mark.parametrize("name", ["iaf", "nsf", "naf"])
 def test_flow_works_inside_tfp_distributions_and_chains(name):
-    flow = trained_flow(name, 3, tf.float64)
-    base = tfd.MultivariateNormalDiag(loc=tf.zeros(3, tf.float64))
+    flow = trained_flow(name, 5)
+    base = tfd.MultivariateNormalDiag(loc=tf.zeros(5, tf.float64))
     dist = tfd.TransformedDistribution(base, flow)
-    u = draw((5, 3), tf.float64, seed=4)
+    u = draw((4, 5), tf.float64, seed=4)
     z = flow.forward(u)
     expected = base.log_prob(u) - flow.forward_log_det_jacobian(tf.identity(u), event_ndims=1)
     np.testing.assert_allclose(dist.log_prob(tf.identity(z)), expected, rtol=1e-9, atol=1e-9)
-    assert dist.sample(4, seed=[1, 2]).shape == (4, 3)
+    assert dist.sample(4, seed=[1, 2]).shape == (4, 5)
     chain = tfb.Chain([tfb.Shift(tf.constant(1.0, tf.float64)), flow])
     np.testing.assert_allclose(chain.forward(u), z + 1.0, rtol=1e-12)
 
 
 def test_layers_reject_the_wrong_event_size():
-    flow = fresh_flow("iaf", 3)
+    flow = FLOWS["iaf"](3)
     with pytest.raises(ValueError, match="event size 3"):
         flow.forward(tf.zeros([2, 4]))

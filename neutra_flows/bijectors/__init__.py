@@ -7,20 +7,23 @@ Every class here has ``forward_min_event_ndims == 1``, accepts any batch shape
 
 * `IAF`, `MAF`: autoregressive flows (any transformer; affine by default).
 * `Coupling`, `RealNVP`: coupling flows.
-* `NeuralSplineFlow`, `RationalQuadraticTransformer`: rational-quadratic splines
-  inside a coupling or an autoregressive layer.
+* `RationalQuadraticTransformer`: the rational-quadratic spline; a spline flow
+  is a `Coupling` or `IAF` layer with it as the transformer
+  (`NeuralSplineFlow` builds one).
 * `AffineDiagonal`, `AffineLowerTriangular`, `Identity`: baselines;
   `AffineTransformer`: the elementwise affine map of MAF/IAF/RealNVP.
 * `Transformer`: base class of the elementwise maps that flow layers condition.
 * `Flow`: the stack that `make_flow` returns.
 * `NAF`, `BlockNeuralAutoregressive`, `HouseholderSylvester`, `LULinear`,
-  `InvertibleResidual`: the further families of docs/more_flows.md; their
-  iterative inverses raise `ConvergenceError` (a `ValueError`) when they do
-  not converge.
+  `InvertibleResidual`: the further families of docs/more_flows.md.
+* `IterativeInverse`: base class of the layers without a closed-form inverse
+  (NAF, BNAF, Sylvester, residual); their inverses raise `ConvergenceError`
+  (a `ValueError`) when they do not converge.
 """
 
 from neutra_flows.bijectors._core import Transformer
 from neutra_flows.bijectors._flow import Flow
+from neutra_flows.bijectors._iterative import IterativeInverse
 from neutra_flows.bijectors._root_finding import ConvergenceError
 from neutra_flows.bijectors.affine import (
     AffineDiagonal,
@@ -44,6 +47,7 @@ __all__ = [
     "ConvergenceError",
     "HouseholderSylvester",
     "InvertibleResidual",
+    "IterativeInverse",
     "LULinear",
     "MAF",
     "AffineDiagonal",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
@@ -10,6 +11,7 @@ import tensorflow_probability as tfp
 tfb = tfp.bijectors
 
 __all__ = [
+    "ConditionedBijector",
     "Transformer",
     "TransformerBijector",
     "as_parameter",
@@ -121,3 +123,49 @@ class TransformerBijector(tfb.Bijector):
 
     def _inverse_log_det_jacobian(self, y):
         return self._transformer.inverse_log_det(y, self._params)
+
+
+class ConditionedBijector(tfb.Bijector):
+    """Shared machinery of the layers that feed a conditioner's output to a `Transformer`.
+
+    `IAF`, `MAF` and `Coupling` hold a conditioner network (whose variables
+    `tf.Module` tracking finds) and a transformer (affine by default); their
+    events are vectors, ``forward_min_event_ndims == 1``, and their dtype is
+    the conditioner's.
+    """
+
+    def __init__(
+        self,
+        conditioner: Callable[[tf.Tensor], tf.Tensor],
+        *,
+        transformer: Transformer | None,
+        validate_args: bool,
+        parameters: dict[str, Any],
+        name: str,
+    ):
+        # Imported here: affine.py imports this module.
+        from neutra_flows.bijectors.affine import AffineTransformer
+
+        with tf.name_scope(name) as name:
+            self._conditioner = conditioner
+            self._transformer = AffineTransformer() if transformer is None else transformer
+            self._event_size = getattr(conditioner, "event_size", None)
+            super().__init__(
+                forward_min_event_ndims=1,
+                dtype=layer_dtype(conditioner),
+                validate_args=validate_args,
+                parameters=parameters,
+                name=name,
+            )
+
+    @classmethod
+    def _parameter_properties(cls, dtype, num_classes=None):
+        return dict()
+
+    @property
+    def conditioner(self) -> Callable[[tf.Tensor], tf.Tensor]:
+        return self._conditioner
+
+    @property
+    def transformer(self) -> Transformer:
+        return self._transformer

@@ -155,10 +155,6 @@ class AffineDiagonal(tfb.Bijector):
         return broadcast_ldj(-tf.reduce_sum(self._log_scale, axis=-1), y)
 
 
-def _num_tril_params(event_size: int) -> int:
-    return event_size * (event_size + 1) // 2
-
-
 class AffineLowerTriangular(tfb.Bijector):
     r"""Full-rank affine flow :math:`z = L u + m` with lower-triangular :math:`L`.
 

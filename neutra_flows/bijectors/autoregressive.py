@@ -47,60 +47,22 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import tensorflow as tf
-import tensorflow_probability as tfp
 
-from neutra_flows.bijectors._core import Transformer, check_event_size, layer_dtype
-from neutra_flows.bijectors.affine import AffineTransformer
-
-tfb = tfp.bijectors
+from neutra_flows.bijectors._core import ConditionedBijector, Transformer, check_event_size
 
 __all__ = ["IAF", "MAF"]
 
 
-class _Autoregressive(tfb.Bijector):
+class _Autoregressive(ConditionedBijector):
     """Shared machinery of `MAF` and `IAF`: one parallel pass, one sequential solve."""
-
-    def __init__(
-        self,
-        conditioner: Callable[[tf.Tensor], tf.Tensor],
-        *,
-        transformer: Transformer | None,
-        validate_args: bool,
-        parameters: dict[str, Any],
-        name: str,
-    ):
-        with tf.name_scope(name) as name:
-            self._conditioner = conditioner
-            self._transformer = AffineTransformer() if transformer is None else transformer
-            self._event_size = getattr(conditioner, "event_size", None)
-            super().__init__(
-                forward_min_event_ndims=1,
-                dtype=layer_dtype(conditioner),
-                validate_args=validate_args,
-                parameters=parameters,
-                name=name,
-            )
-
-    @classmethod
-    def _parameter_properties(cls, dtype, num_classes=None):
-        return dict()
-
-    @property
-    def conditioner(self) -> Callable[[tf.Tensor], tf.Tensor]:
-        return self._conditioner
-
-    @property
-    def transformer(self) -> Transformer:
-        return self._transformer
 
     def _params(self, h: tf.Tensor) -> tf.Tensor:
         check_event_size(h, self._event_size, self.name)
         return self._conditioner(h)
 
-    def _solve(self, target: tf.Tensor, direction: str) -> tf.Tensor:
+    def _solve_sequentially(self, target: tf.Tensor, direction: str) -> tf.Tensor:
         """Solves ``h = tau_direction(target; params(h))`` by `d` parallel sweeps from 0.
 
         Sweep `k` fixes coordinate `k`, because `params(h)[k]` depends on
@@ -164,7 +126,7 @@ class IAF(_Autoregressive):
         return tf.reduce_sum(self._transformer.forward_log_det(x, self._params(x)), axis=-1)
 
     def _inverse(self, y):
-        return self._solve(y, "inverse")
+        return self._solve_sequentially(y, "inverse")
 
 
 class MAF(_Autoregressive):
@@ -204,7 +166,7 @@ class MAF(_Autoregressive):
         )
 
     def _forward(self, x):
-        return self._solve(x, "forward")
+        return self._solve_sequentially(x, "forward")
 
     def _inverse(self, y):
         return self._transformer.inverse(y, self._params(y))

@@ -7,7 +7,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from neutra_flows._utils import canonical_dtype, check_positive_int
-from neutra_flows.bijectors._root_finding import RootResult, check_converged, solve_triangular
+from neutra_flows.bijectors._iterative import IterativeInverse
+from neutra_flows.bijectors._root_finding import solve_triangular
 
 tfb = tfp.bijectors
 
@@ -20,7 +21,7 @@ def _log_sech2(h):
     return 2.0 * (np.log(2.0) - a - tf.math.softplus(-2.0 * a))
 
 
-class BlockNeuralAutoregressive(tfb.Bijector):
+class BlockNeuralAutoregressive(IterativeInverse):
     r"""Block neural autoregressive flow (BNAF) layer with linear tails.
 
     A single feed-forward network `y = f(x)`, `R^d -> R^d`, whose weight
@@ -167,10 +168,6 @@ class BlockNeuralAutoregressive(tfb.Bijector):
             name=name,
         )
 
-    @classmethod
-    def _parameter_properties(cls, dtype):
-        return dict()
-
     def _params(self, frozen=False):
         """Effective `(W_l, log diag blocks_l, c_l)` per layer and `beta`s."""
         get = tf.stop_gradient if frozen else tf.convert_to_tensor
@@ -221,14 +218,7 @@ class BlockNeuralAutoregressive(tfb.Bijector):
         _, log_diag = self._network(x, self._params())
         return tf.reduce_sum(log_diag, axis=-1)
 
-    def inverse_with_info(self, y) -> RootResult:
-        """The inverse without the convergence check, with its diagnostics.
-
-        Returns a :class:`RootResult`: `x`, and per coordinate the last
-        sweep's `residual` (of the whole map), `tolerance` and `converged`;
-        `num_iterations` summed over the sweeps.
-        """
-        y = tf.convert_to_tensor(y, self.dtype)
+    def _solve(self, y):
         d = self._event_size
         frozen = self._params(frozen=True)
         eye = tf.eye(d, dtype=y.dtype)
@@ -244,22 +234,15 @@ class BlockNeuralAutoregressive(tfb.Bijector):
 
             return fn
 
-        res = solve_triangular(
-            make_fn,
-            tf.stop_gradient(y),
-            num_coordinates=d,
-            tol=self._tol,
-            max_iterations=self._max_iterations,
+        return solve_triangular(
+            make_fn, y, num_coordinates=d, tol=self._tol, max_iterations=self._max_iterations
         )
-        x = tf.stop_gradient(res.x)
-        # One Newton step with the lower-triangular Jacobian held constant: the
-        # value moves by less than the tolerance and the gradient is the
-        # implicit-function one.
+
+    def _implicit_step(self, x, y):
+        # The lower-triangular Jacobian in closed form, held constant.
         f, _ = self._network(x, self._params(), with_log_diag=False)
-        jac = self._jacobian(x, frozen)
-        step = tf.linalg.triangular_solve(jac, (f - y)[..., None], lower=True)[..., 0]
-        converged = tf.broadcast_to(tf.reduce_all(res.converged, axis=-1, keepdims=True), tf.shape(x))
-        return res._replace(x=x - step, converged=converged)
+        jac = self._jacobian(x, self._params(frozen=True))
+        return x - tf.linalg.triangular_solve(jac, (f - y)[..., None], lower=True)[..., 0]
 
     def _jacobian(self, x, params):
         """`dy/dx`, `[..., d, d]`, in closed form (lower triangular)."""
@@ -274,6 +257,3 @@ class BlockNeuralAutoregressive(tfb.Bijector):
                 h = pre + beta * tf.tanh(pre)
                 jac = (1.0 + beta * tf.exp(_log_sech2(pre)))[..., :, None] * jac
         return tf.broadcast_to(jac, tf.concat([tf.shape(x), [self._event_size]], axis=0))
-
-    def _inverse(self, y):
-        return check_converged(self.inverse_with_info(y), what="BlockNeuralAutoregressive.inverse")

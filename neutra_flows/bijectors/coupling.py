@@ -28,18 +28,15 @@ from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
-import tensorflow_probability as tfp
 
 from neutra_flows._utils import check_positive_int
-from neutra_flows.bijectors._core import Transformer, check_event_size, layer_dtype
+from neutra_flows.bijectors._core import ConditionedBijector, Transformer, check_event_size
 from neutra_flows.bijectors.affine import AffineTransformer
-
-tfb = tfp.bijectors
 
 __all__ = ["Coupling", "RealNVP"]
 
 
-class Coupling(tfb.Bijector):
+class Coupling(ConditionedBijector):
     r"""Coupling layer with any elementwise transformer (parallel both ways).
 
     Args:
@@ -64,30 +61,14 @@ class Coupling(tfb.Bijector):
         name: str = "coupling",
     ):
         parameters = dict(locals()) if parameters is None else parameters
-        with tf.name_scope(name) as name:
-            self._conditioner = conditioner
-            self._num_masked = check_positive_int(num_masked, "num_masked", minimum=0)
-            self._transformer = AffineTransformer() if transformer is None else transformer
-            self._event_size = getattr(conditioner, "event_size", None)
-            super().__init__(
-                forward_min_event_ndims=1,
-                dtype=layer_dtype(conditioner),
-                validate_args=validate_args,
-                parameters=parameters,
-                name=name,
-            )
-
-    @classmethod
-    def _parameter_properties(cls, dtype, num_classes=None):
-        return dict()
-
-    @property
-    def conditioner(self) -> Callable[[tf.Tensor], tf.Tensor]:
-        return self._conditioner
-
-    @property
-    def transformer(self) -> Transformer:
-        return self._transformer
+        self._num_masked = check_positive_int(num_masked, "num_masked", minimum=0)
+        super().__init__(
+            conditioner,
+            transformer=transformer,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     @property
     def num_masked(self) -> int:
@@ -131,6 +112,9 @@ class RealNVP(Coupling):
     Args:
       conditioner: network ``[..., num_masked] -> [..., d - num_masked, 2]``.
       num_masked: :math:`m`, the size of the block that passes through.
+      transformer: an `AffineTransformer` (default: ``AffineTransformer()``,
+        log-scale softly bounded by 5; ``AffineTransformer(None)`` is the
+        unbounded original).
       validate_args: check arguments at run time.
       name: name of the bijector.
     """
@@ -140,14 +124,18 @@ class RealNVP(Coupling):
         conditioner: Callable[[tf.Tensor], tf.Tensor],
         *,
         num_masked: int,
+        transformer: AffineTransformer | None = None,
         validate_args: bool = False,
         name: str = "real_nvp",
     ):
         parameters = dict(locals())
+        transformer = AffineTransformer() if transformer is None else transformer
+        if not isinstance(transformer, AffineTransformer):
+            raise ValueError(f"transformer must be an AffineTransformer, got {transformer!r}")
         super().__init__(
             conditioner,
             num_masked=num_masked,
-            transformer=AffineTransformer(),
+            transformer=transformer,
             validate_args=validate_args,
             parameters=parameters,
             name=name,

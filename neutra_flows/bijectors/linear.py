@@ -133,7 +133,7 @@ class LULinear(tfb.Bijector):
             )
 
     @classmethod
-    def _parameter_properties(cls, dtype):
+    def _parameter_properties(cls, dtype, num_classes=None):
         return dict()
 
     @property

@@ -26,6 +26,7 @@ import tensorflow_probability as tfp
 
 from neutra_flows._utils import check_positive_int
 from neutra_flows.bijectors._core import Transformer, check_event_size
+from neutra_flows.bijectors._iterative import IterativeInverse
 from neutra_flows.bijectors._root_finding import (
     RootResult,
     check_converged,
@@ -164,7 +165,7 @@ class DeepSigmoidalTransformer(Transformer):
         return f"DeepSigmoidalTransformer(num_components={self.num_components}, min_slope={self.min_slope})"
 
 
-class NAF(IAF):
+class NAF(IterativeInverse, IAF):
     r"""Neural autoregressive flow layer, inverse-autoregressive direction.
 
     * forward: `z_i = tau(u_i; theta_i(u_{<i}))` with the DSF transformer
@@ -229,40 +230,31 @@ class NAF(IAF):
             )
         super().__init__(conditioner, transformer=transformer, validate_args=validate_args, name=name)
 
-    def inverse_with_info(self, y) -> RootResult:
-        """The inverse without the convergence check, with its diagnostics.
-
-        Returns a :class:`RootResult`: `x`, and from the last sweep the
-        elementwise `residual` (of the whole map), `tolerance` and
-        `converged`; `num_iterations` is summed over the sweeps.
-        """
-        y = tf.convert_to_tensor(y, self.dtype)
-        d = check_event_size(y, self._event_size, self.name)
+    def _solve(self, y):
         transformer = self._transformer
 
         def make_fn(x):
             return transformer.root_fn(self._conditioner(x))
 
-        res = solve_triangular(
+        return solve_triangular(
             make_fn,
-            tf.stop_gradient(y),
-            num_coordinates=d,
+            y,
+            num_coordinates=check_event_size(y, self._event_size, self.name),
             tol=transformer.tol,
             max_iterations=transformer.max_iterations,
         )
-        # Implicit-function gradients: d linearised sweeps
-        # x <- x - (F(x) - y) / tau'(x), with tau' held constant. Their
-        # Jacobian in x is strictly lower triangular (nilpotent), so after d
-        # of them the derivative is exactly -J^{-1} dF; the value moves by
-        # less than the tolerance.
-        x_star = tf.stop_gradient(res.x)
+
+    def _implicit_step(self, x_star, y):
+        # d linearised sweeps x <- x - (F(x) - y) / tau'(x), with tau' held
+        # constant. Their Jacobian in x is strictly lower triangular
+        # (nilpotent), so after d of them the derivative is exactly
+        # -J^{-1} dF; the value moves by less than the tolerance.
+        transformer = self._transformer
         slope = tf.exp(transformer.forward_log_det(x_star, tf.stop_gradient(self._params(x_star))))
 
         def correct(x):
             return (x - (transformer.forward(x, self._conditioner(x)) - y) / slope,)
 
+        d = check_event_size(y, self._event_size, self.name)
         (x,) = tf.while_loop(lambda _: True, correct, (x_star,), maximum_iterations=d)
-        return res._replace(x=x)
-
-    def _inverse(self, y):
-        return check_converged(self.inverse_with_info(y), what="NAF.inverse")
+        return x

@@ -9,7 +9,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from neutra_flows._utils import canonical_dtype, check_positive_int
-from neutra_flows.bijectors._root_finding import RootResult, check_converged, fixed_point
+from neutra_flows.bijectors._iterative import IterativeInverse
+from neutra_flows.bijectors._root_finding import fixed_point
 
 tfb = tfp.bijectors
 
@@ -84,7 +85,18 @@ def spectral_norm_bound(w: tf.Tensor, num_squarings: int = 6) -> tf.Tensor:
     return tf.where(nonzero, tf.exp(0.5 * log_bound), tf.zeros_like(log_bound))
 
 
-class InvertibleResidual(tfb.Bijector):
+def _initial_kernels(sizes: list[int], seed: int) -> list[np.ndarray]:
+    """Glorot-uniform ``[n_out, n_in]`` kernels drawn from `seed`; the last is zero (identity at init)."""
+    rng = np.random.default_rng(seed)
+    kernels = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        limit = np.sqrt(6.0 / (n_in + n_out))
+        last = i == len(sizes) - 2
+        kernels.append(np.zeros([n_out, n_in]) if last else rng.uniform(-limit, limit, [n_out, n_in]))
+    return kernels
+
+
+class InvertibleResidual(IterativeInverse):
     r"""Invertible residual block `y = x + g(x)`, `Lip(g) < 1`.
 
     `g` is an MLP `d -> h_1 -> ... -> h_m -> d` with a 1-Lipschitz activation
@@ -215,16 +227,13 @@ class InvertibleResidual(tfb.Bijector):
         self._max_iterations = check_positive_int(max_iterations, "max_iterations")
         self._seed = int(seed)
         self.exact_log_det = log_det == "exact"
-        rng = np.random.default_rng(int(seed))
         sizes = [d, *hidden, d]
-        self.kernels, self.biases = [], []
         with tf.name_scope(name):
-            for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-                last = i == len(sizes) - 2
-                limit = np.sqrt(6.0 / (n_in + n_out))
-                w0 = np.zeros([n_out, n_in]) if last else rng.uniform(-limit, limit, [n_out, n_in])
-                self.kernels.append(tf.Variable(w0.astype(dtype.as_numpy_dtype), name=f"w{i}"))
-                self.biases.append(tf.Variable(tf.zeros([n_out], dtype), name=f"b{i}"))
+            self.kernels = [
+                tf.Variable(w.astype(dtype.as_numpy_dtype), name=f"w{i}")
+                for i, w in enumerate(_initial_kernels(sizes, self._seed))
+            ]
+            self.biases = [tf.Variable(tf.zeros([n], dtype), name=f"b{i}") for i, n in enumerate(sizes[1:])]
             self._calls = tf.Variable(0, dtype=tf.int64, trainable=False, name="noise_counter")
         super().__init__(
             forward_min_event_ndims=1,
@@ -233,10 +242,6 @@ class InvertibleResidual(tfb.Bijector):
             parameters=parameters,
             name=name,
         )
-
-    @classmethod
-    def _parameter_properties(cls, dtype):
-        return dict()
 
     @property
     def lipschitz(self) -> float:
@@ -276,15 +281,8 @@ class InvertibleResidual(tfb.Bijector):
     def _forward(self, x):
         return x + self._g(x, self.normalized_kernels())
 
-    def inverse_with_info(self, y) -> RootResult:
-        """The inverse without the convergence check, with its diagnostics.
-
-        Returns a :class:`RootResult` (`x`, elementwise `residual`
-        `|x + g(x) - y|`, `tolerance`, `num_iterations`, `converged`).
-        """
-        y = tf.convert_to_tensor(y, self.dtype)
-        kernels = self.normalized_kernels()
-        frozen = [tf.stop_gradient(k) for k in kernels]
+    def _solve(self, y):
+        frozen = [tf.stop_gradient(k) for k in self.normalized_kernels()]
         biases = [tf.stop_gradient(b) for b in self.biases]
 
         def g_frozen(x):
@@ -295,28 +293,19 @@ class InvertibleResidual(tfb.Bijector):
                     h = self._phi(h)
             return h
 
-        result = fixed_point(
-            g_frozen,
-            tf.stop_gradient(y),
-            tol=self._tol,
-            max_iterations=self._max_iterations,
-        )
-        x_star = tf.stop_gradient(result.x)
-        # One Newton step with the Jacobian held constant: the value moves by
-        # less than the tolerance, and the gradient is the implicit-function one.
+        return fixed_point(g_frozen, y, tol=self._tol, max_iterations=self._max_iterations)
+
+    def _implicit_step(self, x_star, y):
+        kernels = self.normalized_kernels()
         resid = x_star + self._g(x_star, kernels) - y
         eye = tf.eye(self._event_size, dtype=y.dtype)
-        a = tf.stop_gradient(eye + self._jacobian_g(x_star, frozen))
+        a = tf.stop_gradient(eye + self._jacobian_g(x_star, [tf.stop_gradient(k) for k in kernels]))
         # Normal equations with the Cholesky factor, the factorisation the
         # log-det uses too (one less kind of solver for XLA to compile); the
         # singular values of a lie in [1 - Lip, 1 + Lip], so this is accurate.
         chol = tf.linalg.cholesky(tf.matmul(a, a, transpose_a=True))
         rhs = tf.linalg.matvec(a, resid, transpose_a=True)
-        x = x_star - tf.linalg.cholesky_solve(chol, rhs[..., None])[..., 0]
-        return result._replace(x=x)
-
-    def _inverse(self, y):
-        return check_converged(self.inverse_with_info(y), what="InvertibleResidual.inverse")
+        return x_star - tf.linalg.cholesky_solve(chol, rhs[..., None])[..., 0]
 
     def _forward_log_det_jacobian(self, x):
         kernels = self.normalized_kernels()

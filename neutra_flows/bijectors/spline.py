@@ -24,8 +24,9 @@ at the ``K - 1`` interior knots. Widths and heights are
 slope 1. Zero parameters therefore give equal bins and unit slopes: the
 identity (to rounding).
 
-`NeuralSplineFlow` is a coupling (`Coupling`) or an inverse-autoregressive
-(`IAF`) layer whose transformer is this spline: not a second implementation.
+A spline flow is a coupling (`Coupling`) or an autoregressive (`IAF`, `MAF`)
+layer whose transformer is this spline, not a second implementation;
+`NeuralSplineFlow` builds either.
 
 References:
   Durkan, C., Bekasov, A., Murray, I. and Papamakarios, G. (2019). Neural
@@ -41,14 +42,11 @@ import math
 from collections.abc import Callable
 
 import tensorflow as tf
-import tensorflow_probability as tfp
 
 from neutra_flows._utils import check_positive_int
 from neutra_flows.bijectors._core import Transformer
 from neutra_flows.bijectors.autoregressive import IAF
 from neutra_flows.bijectors.coupling import Coupling
-
-tfb = tfp.bijectors
 
 __all__ = ["NeuralSplineFlow", "RationalQuadraticTransformer"]
 
@@ -186,19 +184,34 @@ class RationalQuadraticTransformer(Transformer):
         return f"RationalQuadraticTransformer(num_bins={self.num_bins}, bound={self.bound}{scale})"
 
 
-class NeuralSplineFlow(tfb.Bijector):
-    r"""Rational-quadratic neural spline flow layer, coupling or autoregressive.
+# Capitalised like a class: it builds a layer, and reads as one at the call site.
+def NeuralSplineFlow(
+    conditioner: Callable[[tf.Tensor], tf.Tensor],
+    *,
+    num_bins: int = 8,
+    bound: float = 5.0,
+    autoregressive: bool = False,
+    num_masked: int | None = None,
+    logit_scale: float = 1.0,
+    validate_args: bool = False,
+    name: str = "neural_spline_flow",
+) -> Coupling | IAF:
+    r"""A rational-quadratic neural spline flow layer: a `Coupling` or an `IAF` with the spline.
 
-    * ``autoregressive=False`` (RQ-NSF (C)): a `Coupling` layer,
-      :math:`y_{m+1:d} = \tau(x_{m+1:d}; \theta(x_{1:m}))`; forward and inverse
-      are one conditioner pass each.
+    Not a layer class of its own: the layer is the coupling or autoregressive
+    one with `RationalQuadraticTransformer` :math:`\tau` as its transformer
+    (spline on :math:`[-B, B]`, identity outside).
+
+    * ``autoregressive=False`` (RQ-NSF (C)): ``Coupling(conditioner,
+      num_masked=m, transformer=tau)``,
+      :math:`y_{m+1:d} = \tau(x_{m+1:d}; \theta(x_{1:m}))`; forward and
+      inverse are one conditioner pass each.
     * ``autoregressive=True`` (RQ-NSF (AR), inverse-autoregressive direction):
-      an `IAF` layer, :math:`z_i = \tau(u_i; \theta_i(u_{<i}))`; forward and its
-      log-det are one pass, the inverse :math:`d` passes.
+      ``IAF(conditioner, transformer=tau)``,
+      :math:`z_i = \tau(u_i; \theta_i(u_{<i}))`; forward and its log-det are
+      one pass, the inverse :math:`d` passes.
 
-    :math:`\tau` is the `RationalQuadraticTransformer` (spline on
-    :math:`[-B, B]`, identity outside), log-det
-    :math:`\sum_i \log \tau'(\cdot)` over the transformed coordinates.
+    Log-det :math:`\sum_i \log \tau'(\cdot)` over the transformed coordinates.
 
     Args:
       conditioner: coupling: ``[..., m] -> [..., d - m, 3K - 1]`` (e.g.
@@ -213,73 +226,19 @@ class NeuralSplineFlow(tfb.Bijector):
         `RationalQuadraticTransformer`); `make_flow("nsf", d)` uses
         ``1 / sqrt(last hidden width)`` for ``d > 1``.
       validate_args: check arguments at run time.
-      name: name of the bijector.
+      name: name of the layer.
 
-    Inputs ``[..., d]`` with any batch shape; log-dets ``[...]``.
+    Returns:
+      The `Coupling` or `IAF` layer; inputs ``[..., d]`` with any batch shape,
+      log-dets ``[...]``.
     """
-
-    def __init__(
-        self,
-        conditioner: Callable[[tf.Tensor], tf.Tensor],
-        *,
-        num_bins: int = 8,
-        bound: float = 5.0,
-        autoregressive: bool = False,
-        num_masked: int | None = None,
-        logit_scale: float = 1.0,
-        validate_args: bool = False,
-        name: str = "neural_spline_flow",
-    ):
-        parameters = dict(locals())
-        transformer = RationalQuadraticTransformer(num_bins, bound, logit_scale=logit_scale)
-        with tf.name_scope(name) as name:
-            if autoregressive:
-                if num_masked is not None:
-                    raise ValueError("num_masked is for the coupling variant; leave it None")
-                self._layer = IAF(conditioner, transformer=transformer, validate_args=validate_args)
-            else:
-                if num_masked is None:
-                    raise ValueError("the coupling variant needs num_masked")
-                self._layer = Coupling(
-                    conditioner,
-                    num_masked=num_masked,
-                    transformer=transformer,
-                    validate_args=validate_args,
-                )
-            self._autoregressive = bool(autoregressive)
-            super().__init__(
-                forward_min_event_ndims=1,
-                dtype=self._layer.dtype,
-                validate_args=validate_args,
-                parameters=parameters,
-                name=name,
-            )
-
-    @classmethod
-    def _parameter_properties(cls, dtype, num_classes=None):
-        return dict()
-
-    @property
-    def layer(self) -> tfb.Bijector:
-        """The underlying `Coupling` or `IAF` layer."""
-        return self._layer
-
-    @property
-    def autoregressive(self) -> bool:
-        return self._autoregressive
-
-    @property
-    def transformer(self) -> RationalQuadraticTransformer:
-        return self._layer.transformer
-
-    def _forward(self, x):
-        return self._layer.forward(x)
-
-    def _inverse(self, y):
-        return self._layer.inverse(y)
-
-    def _forward_log_det_jacobian(self, x):
-        return self._layer.forward_log_det_jacobian(x, event_ndims=1)
-
-    def _inverse_log_det_jacobian(self, y):
-        return self._layer.inverse_log_det_jacobian(y, event_ndims=1)
+    transformer = RationalQuadraticTransformer(num_bins, bound, logit_scale=logit_scale)
+    if autoregressive:
+        if num_masked is not None:
+            raise ValueError("num_masked is for the coupling variant; leave it None")
+        return IAF(conditioner, transformer=transformer, validate_args=validate_args, name=name)
+    if num_masked is None:
+        raise ValueError("the coupling variant needs num_masked")
+    return Coupling(
+        conditioner, num_masked=num_masked, transformer=transformer, validate_args=validate_args, name=name
+    )

@@ -7,14 +7,15 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from neutra_flows._utils import canonical_dtype, check_positive_int
-from neutra_flows.bijectors._root_finding import RootResult, check_converged, solve_triangular
+from neutra_flows.bijectors._iterative import IterativeInverse
+from neutra_flows.bijectors._root_finding import solve_triangular
 
 tfb = tfp.bijectors
 
 __all__ = ["HouseholderSylvester"]
 
 
-class HouseholderSylvester(tfb.Bijector):
+class HouseholderSylvester(IterativeInverse):
     r"""Householder Sylvester flow layer `z' = z + Q R tanh(R~ Q^T z + b)`.
 
     `Q = H_1 ... H_K` is orthogonal, a product of `K` Householder reflections
@@ -119,10 +120,6 @@ class HouseholderSylvester(tfb.Bijector):
             name=name,
         )
 
-    @classmethod
-    def _parameter_properties(cls, dtype):
-        return dict()
-
     def _matrices(self, frozen=False):
         """`(R, R~, diag R, diag R~, b, V)`."""
         get = tf.stop_gradient if frozen else tf.convert_to_tensor
@@ -166,18 +163,10 @@ class HouseholderSylvester(tfb.Bijector):
         slope = 1.0 - tf.square(tf.tanh(pre))
         return tf.reduce_sum(tf.math.log1p(r_d * rt_d * slope), axis=-1)
 
-    def inverse_with_info(self, y) -> RootResult:
-        """The inverse without the convergence check, with its diagnostics.
-
-        Returns a :class:`RootResult`: `x` the preimage and, per coordinate of
-        `v = Q^T x`, the last sweep's `residual` (of the whole map),
-        `tolerance` and `converged`; `num_iterations` summed over the sweeps.
-        """
-        y = tf.convert_to_tensor(y, self.dtype)
-        d = self._event_size
+    def _solve(self, y):
+        # Solves for v = Q^T x: v' = Q^T y = v + R tanh(R~ v + b) is upper triangular in v.
         r, rt, r_d, rt_d, b, vs = self._matrices(frozen=True)
         r_strict = r - tf.linalg.diag(r_d)
-        target = self._q_transpose(tf.stop_gradient(y), vs)
 
         def make_fn(v):
             # Coordinate i with the others held at v: r_j (j > i) does not
@@ -192,28 +181,23 @@ class HouseholderSylvester(tfb.Bijector):
 
             return fn
 
-        res = solve_triangular(
+        return solve_triangular(
             make_fn,
-            target,
-            num_coordinates=d,
+            self._q_transpose(y, vs),
+            num_coordinates=self._event_size,
             tol=self._tol,
             max_iterations=self._max_iterations,
         )
-        v = tf.stop_gradient(res.x)
-        # One Newton step with the (upper triangular) Jacobian held constant:
-        # the value moves by less than the tolerance and the gradient is the
-        # implicit-function one.
+
+    def _implicit_step(self, v, y):
+        # The upper-triangular Jacobian in v, held constant; then x = Q v.
+        r, rt, _, _, _, _ = self._matrices(frozen=True)
         r_l, rt_l, _, _, b_l, vs_l = self._matrices()
         th = tf.tanh(tf.einsum("...j,ij->...i", v, rt_l) + b_l)
         f = v + tf.einsum("...j,ij->...i", th, r_l)
         jac = tf.stop_gradient(
-            tf.eye(d, dtype=y.dtype) + tf.einsum("ij,...j,jk->...ik", r, 1.0 - tf.square(th), rt)
+            tf.eye(self._event_size, dtype=y.dtype) + tf.einsum("ij,...j,jk->...ik", r, 1.0 - tf.square(th), rt)
         )
         delta = f - self._q_transpose(y, vs_l)
         step = tf.linalg.triangular_solve(jac, delta[..., None], lower=False)[..., 0]
-        x = self._q(v - step, vs_l)
-        converged = tf.broadcast_to(tf.reduce_all(res.converged, axis=-1, keepdims=True), tf.shape(x))
-        return res._replace(x=x, converged=converged)
-
-    def _inverse(self, y):
-        return check_converged(self.inverse_with_info(y), what="HouseholderSylvester.inverse")
+        return self._q(v - step, vs_l)
