@@ -9,8 +9,10 @@ anyway, as nutpie's normalizing-flow adaptation does (Seyboldt et al.):
   (a Gaussian by MAP, Laplace and deterministic ADVI; the identity where none
   fits), or from the identity, and the warm-up runs NeuTra with it;
 * at a few window ends (by default at 15 %, 30 %, 45 % and 60 % of the warm-up)
-  the chains' points ``x`` gathered so far, and the target's gradients there
-  ``g = grad log p(x)``, are split at random into training and held-out parts;
+  the chains' points ``x`` gathered so far, with a few points of the current
+  flow's widened tails (``x = f(1.5 u)``: the draws alone leave the tails
+  unconstrained), and the target's gradients there ``g = grad log p(x)``, are
+  split at random into training and held-out parts;
 * the flow is refitted from its current weights (from the identity start, the
   first refit sets its whitening layer from the draws' moments) by minimising
   the **Fisher divergence** in latent space, ``E || grad_u log p~(u) + u ||^2``
@@ -80,6 +82,8 @@ OBJECTIVES = ("fisher", "forward_kl")
 STARTS = ("whitening", "identity")
 # Points per block when the target's gradients are computed (one compilation).
 _GRADIENT_BLOCK = 512
+# Warm-up steps per block of the held-out split.
+_SPLIT_BLOCK = 10
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,12 @@ class FlowAdaptation:
       learning_rate: Adam's initial rate (cosine decay to 1 % within a refit).
       validation_fraction: held-out share of the points, for the keep-or-reject test.
       max_points: at most this many points (the most recent) per refit.
+      tail_points: per refit, points ``x = f(tail_scale * u)``, ``u ~ N(0, I)``,
+        pushed through the current flow, join the chains' points (their
+        gradients are counted). The draws only cover the bulk; without these
+        the refitted flow is free to bend where the draws are sparse, and its
+        walls there made 1-3 % of the transitions diverge. 0 disables them.
+      tail_scale: how far out those points reach, in latent standard deviations.
       min_warmup: the smallest warm-up accepted (``ValueError`` below it).
     """
 
@@ -122,6 +132,8 @@ class FlowAdaptation:
     validation_fraction: float = 0.2
     max_points: int = 4096
     min_warmup: int = 200
+    tail_points: int = 512
+    tail_scale: float = 1.5
 
     def __post_init__(self):
         if self.start not in STARTS:
@@ -130,6 +142,11 @@ class FlowAdaptation:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.flow not in FAST_INVERSE_FLOWS:
             raise ValueError(f"flow must be one of {FAST_INVERSE_FLOWS} (a fast inverse), got {self.flow!r}")
+        if isinstance(self.tail_points, bool) or not isinstance(self.tail_points, (int, np.integer)) \
+                or not 0 <= self.tail_points < self.max_points:
+            raise ValueError(f"tail_points must be an int in [0, max_points), got {self.tail_points!r}")
+        if not (math.isfinite(self.tail_scale) and self.tail_scale > 0):
+            raise ValueError(f"tail_scale must be positive, got {self.tail_scale}")
         for name in ("num_refits", "train_steps", "batch_size", "max_points", "min_warmup"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -178,6 +195,7 @@ class FlowAdapter:
     def __init__(self, target: Any, flow: tfb.Bijector | None, *, config: FlowAdaptation, num_warmup: int,
                  num_chains: int, seed: Any, trained: bool = False):
         self.config = config
+        self.num_chains = int(num_chains)
         self.boundaries = config.boundaries(num_warmup)
         self.last_boundary = self.boundaries[-1]
         # The first half of the first window is the chains' transient from their starts.
@@ -215,10 +233,10 @@ class FlowAdapter:
     def act(self, step: int, state: Any, results: Any, kernel: Any, rescale: Any) -> Any:
         """Refits the flow at warm-up step ``step``; returns the kernel results for ``state``."""
         start = time.perf_counter()
-        x, g = self._data()
         seed = tf.random.experimental.stateless_fold_in(self._seed, step)
+        x, g, groups = self._data(tf.random.experimental.stateless_fold_in(seed, 1))
         first = not self.refits and self._moments_at_first_refit
-        refit, previous = self._trainer.refit(step, x, g, seed, from_moments=first)
+        refit, previous = self._trainer.refit(step, x, g, seed, from_moments=first, groups=groups)
         if refit.accepted:
             fresh = kernel.refresh(results, state)
             if _finite_start(fresh):
@@ -232,16 +250,33 @@ class FlowAdapter:
         self.wall_time += time.perf_counter() - start
         return results
 
-    def _data(self) -> tuple[np.ndarray, np.ndarray]:
-        """The most recent ``max_points`` points and the target's gradients there (computed once)."""
+    def _data(self, seed: tf.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The most recent draws and the tail points, the target's gradients there, and
+        their groups for the held-out split.
+
+        A draw's gradient is computed once, when it is first used. Successive
+        draws of a chain are nearly copies of each other, so the held-out split
+        takes whole blocks of ``_SPLIT_BLOCK`` warm-up steps: a random split
+        would hold out near-copies of training points and pass an overfitted flow.
+        """
         done = sum(len(p) for p in self._gradients)
         new = np.concatenate(self._points)[done:] if self._points else np.zeros([0, self.target.event_size])
         if len(new):
             self._gradients.append(self._trainer.gradients(new))
             self.num_grad_evals += len(new)
-        x = np.concatenate(self._points)[-self.config.max_points:]
-        g = np.concatenate(self._gradients)[-self.config.max_points:]
-        return x, g
+        keep = self.config.max_points - self.config.tail_points
+        x = np.concatenate(self._points)[-keep:]
+        g = np.concatenate(self._gradients)[-keep:]
+        position = np.arange(done + len(new))[-keep:]
+        groups = position // (self.num_chains * _SPLIT_BLOCK)
+        if self.config.tail_points:
+            u = tf.random.stateless_normal([self.config.tail_points, int(self.target.event_size)], seed,
+                                           dtype=self.target.dtype) * self.config.tail_scale
+            tail = self.flow.forward(u).numpy()
+            x, g = np.concatenate([x, tail]), np.concatenate([g, self._trainer.gradients(tail)])
+            groups = np.concatenate([groups, groups.max(initial=0) + 1 + np.arange(len(tail))])
+            self.num_grad_evals += len(tail)
+        return x, g, groups
 
     def report(self, attrs: dict) -> None:
         attrs["num_grad_evals_training"] = int(attrs.get("num_grad_evals_training", 0)) + self.num_grad_evals
@@ -369,13 +404,19 @@ class _FlowTrainer:
             out.append(self._grad(tf.constant(padded, self.dtype)).numpy()[: len(block)])
         return np.concatenate(out)
 
-    def _load(self, x: np.ndarray, g: np.ndarray, seed: tf.Tensor) -> tuple[int, int]:
-        """A seeded random split into the training and held-out buffers (zero-padded)."""
+    def _load(self, x: np.ndarray, g: np.ndarray, groups: np.ndarray, seed: tf.Tensor) -> tuple[int, int]:
+        """A seeded split of whole groups into the training and held-out buffers (zero-padded)."""
         n = len(x)
-        order = np.argsort(tf.random.stateless_uniform([n], seed, dtype=tf.float64).numpy(), kind="stable")
         b = self.buffers
         n_val = min(max(1, int(round(self.config.validation_fraction * n))), int(b.val_mask.shape[0]))
-        val, train = order[:n_val], order[n_val:]
+        names, sizes = np.unique(groups, return_counts=True)
+        shuffled = np.argsort(tf.random.stateless_uniform([len(names)], seed, dtype=tf.float64).numpy(),
+                              kind="stable")
+        # Whole groups until the held-out share is reached (never all of them).
+        taken = shuffled[: max(1, min(len(names) - 1, int(np.searchsorted(np.cumsum(sizes[shuffled]), n_val))))]
+        held = np.isin(groups, names[taken])
+        val, train = np.flatnonzero(held)[: int(b.val_mask.shape[0])], np.flatnonzero(~held)
+        n_val = len(val)
 
         def padded(a, size):
             return tf.constant(np.concatenate([a, np.zeros([size - len(a), self.d])]), self.dtype)
@@ -389,19 +430,20 @@ class _FlowTrainer:
         return len(train), n_val
 
     def refit(self, step: int, x: np.ndarray, g: np.ndarray, seed: tf.Tensor, *,
-              from_moments: bool) -> tuple[Refit, list[tf.Tensor]]:
+              from_moments: bool, groups: np.ndarray | None = None) -> tuple[Refit, list[tf.Tensor]]:
         """Trains from the current weights; keeps the result only if the held-out loss drops.
 
         Returns the refit's record and the weights before it (to restore).
         """
         previous = [tf.identity(v) for v in self.variables]
         finite = np.all(np.isfinite(x), axis=1) & np.all(np.isfinite(g), axis=1)
-        x, g = x[finite], g[finite]
+        groups = np.arange(len(x)) if groups is None else np.asarray(groups)
+        x, g, groups = x[finite], g[finite], groups[finite]
         if len(x) < 20:
             return Refit(step, len(x), 0, math.nan, math.nan, False,
                          f"only {len(x)} finite points with finite gradients: refit skipped"), previous
         load_seed, train_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        num_train, num_val = self._load(x, g, load_seed)
+        num_train, num_val = self._load(x, g, groups, load_seed)
         before = float(self._held_out_loss())
         if from_moments:
             _whiten_from_draws(self.flow, x)

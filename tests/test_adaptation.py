@@ -27,6 +27,8 @@ def _gaussian(mean, std, dtype=tf.float64):
     (dict(first_refit=0.7, last_refit=0.2), "first_refit"),
     (dict(num_refits=0), "num_refits"),
     (dict(validation_fraction=0.9), "validation_fraction"),
+    (dict(tail_points=5000), "tail_points"),
+    (dict(start="fit"), "start"),
 ])
 def test_bad_settings_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -46,7 +48,8 @@ def test_sample_refuses_a_short_warm_up_and_slow_inverses():
 
 def _trainer(target, flow_name="affine_diag", **kwargs):
     flow = nf.make_flow(flow_name, target.event_size, dtype=tf.float64)
-    return flow, _FlowTrainer(target, flow, FlowAdaptation(flow=flow_name, max_points=256, **kwargs))
+    return flow, _FlowTrainer(target, flow, FlowAdaptation(flow=flow_name, max_points=256, tail_points=64,
+                                                           **kwargs))
 
 
 def test_fisher_loss_is_zero_at_the_exact_transport_and_analytic_at_the_identity():
@@ -120,8 +123,9 @@ def test_sample_adapt_is_correct_on_a_correlated_gaussian_and_counts_its_gradien
     attrs = idata.posterior.attrs
     refits = json.loads(attrs["flow_refits"])
     assert len(refits) == 4 and attrs["flow_refits_accepted"] >= 1
-    # One gradient per gathered point: 4 chains x the warm-up steps from step 22 to 180.
-    assert attrs["num_grad_evals_training"] == 4 * (180 - 22)
+    # One gradient per gathered point: 4 chains x the warm-up steps from step 22 to 180,
+    # and 512 tail points per refit.
+    assert attrs["num_grad_evals_training"] == 4 * (180 - 22) + 4 * 512
     table = nf.compare({"adapt": idata})
     row = table.loc["adapt"]
     assert row["max_rhat"] < 1.01
@@ -150,6 +154,19 @@ def test_bench_adapt_mode_skips_vi_and_writes_its_outputs(tmp_path):
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["fit"] is None and payload["settings"]["adapt"] is True
     row = payload["table"]["NeuTra-AFFINE_TRIL-ADAPT-HMC"]
-    # The refits' gradients are counted: 4 chains x (warm-up steps 15 ... 119).
-    assert row["grad_evals_training"] == 4 * (120 - 15)
+    # The refits' gradients are counted: 4 chains x (warm-up steps 15 ... 119) + 4 x 512 tail points.
+    assert row["grad_evals_training"] == 4 * (120 - 15) + 4 * 512
     assert nf.load_flow(tmp_path / "flow") is not None
+
+
+def test_the_held_out_split_takes_whole_blocks_of_steps():
+    target = _gaussian([0.0, 0.0], [1.0, 1.0])
+    _, trainer = _trainer(target)
+    x = np.random.default_rng(3).normal(size=[200, 2])
+    groups = np.arange(200) // 20
+    num_train, num_val = trainer._load(x, x, groups, tf.constant([5, 6]))
+    held = trainer.buffers.val_x.numpy()[trainer.buffers.val_mask.numpy()]
+    rows = [int(np.flatnonzero(np.all(x == h, axis=1))[0]) for h in held]
+    # Every held-out group is held out whole, and training keeps the rest.
+    assert set(np.unique(groups[rows])) and all(np.sum(groups[rows] == k) == 20 for k in np.unique(groups[rows]))
+    assert num_train + num_val == 200 and 20 <= num_val <= 60
