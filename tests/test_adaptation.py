@@ -28,7 +28,7 @@ def _gaussian(mean, std, dtype=tf.float64):
     (dict(num_refits=0), "num_refits"),
     (dict(validation_fraction=0.9), "validation_fraction"),
     (dict(tail_points=5000), "tail_points"),
-    (dict(start="fit"), "start"),
+    (dict(start="vi"), "start"),
 ])
 def test_bad_settings_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -171,3 +171,18 @@ def test_the_held_out_split_takes_whole_blocks_of_steps():
     held_groups = np.unique(groups[rows])
     assert len(held_groups) and all(np.sum(groups[rows] == k) == 20 for k in held_groups)
     assert num_train + num_val == 200 and 20 <= num_val <= 60
+
+
+def test_auto_start_fits_briefly_where_the_posterior_has_no_mode():
+    # No Gaussian fits the funnel better than the identity, which fails PSIS: the auto
+    # start then runs fit_steps of VI, all of whose gradients count.
+    funnel = nf.models.neals_funnel(3, dtype=tf.float64)
+    adapter = FlowAdapter(funnel, None, config=FlowAdaptation(fit_steps=20), num_warmup=400, num_chains=2,
+                          seed=0)
+    assert adapter.whitening.method.startswith("identity") and "VI fit" in adapter.start
+    assert adapter.num_grad_evals >= adapter.whitening.num_grad_evals + 20 * 256
+    # A Gaussian has a mode: the whitening stage alone.
+    gaussian = _gaussian([1.0, 2.0], [3.0, 0.5])
+    adapter = FlowAdapter(gaussian, None, config=FlowAdaptation(), num_warmup=400, num_chains=2, seed=0)
+    assert adapter.whitening.khat < 0.5 and adapter.start == "auto"
+    assert adapter.num_grad_evals == adapter.whitening.num_grad_evals
