@@ -7,7 +7,7 @@ rows are what the docs report: absolute seconds depend on the machine, ratios
 measured side by side much less.
 
 :data:`BENCHMARKS` holds each built-in target's defaults (the flow, its size,
-the training budget) and the goals it is judged against (the table of issue 5
+the training budget) and the goals it is judged against (the table of the textbook targets
 and ``docs/benchmarks.md``). :func:`run_benchmark` says for every goal whether
 it was met, so a missed goal is reported, never hidden.
 
@@ -146,7 +146,7 @@ class BenchSpec:
     goals: tuple[Goal, ...] = ()
     # Coordinates the bias and std goals are judged on (None: all). The funnel's
     # x_1.. have kurtosis 3 exp(9), so no run of this length estimates their std
-    # to 10 %; the NeuTra paper and issue 5 judge x0 alone.
+    # to 10 %; the NeuTra paper judges x0 alone.
     focus: Mapping[str, Sequence[int]] | None = None
 
 
