@@ -49,6 +49,8 @@ MODULES = (
     ("neutra_flows.targets", "Targets"),
     ("neutra_flows.models", "Built-in targets and models"),
     ("neutra_flows.bijectors", "Flow bijectors"),
+    ("neutra_flows.adaptation", "Adapting a flow on the warm-up draws"),
+    ("neutra_flows.whitening", "The whitening stage"),
     ("neutra_flows.diagnostics", "Diagnostics"),
     ("neutra_flows.plots", "Plots"),
     ("neutra_flows.app.bench", "The benchmark pipeline"),
