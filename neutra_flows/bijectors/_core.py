@@ -14,6 +14,7 @@ __all__ = [
     "ConditionedBijector",
     "Transformer",
     "TransformerBijector",
+    "VectorBijector",
     "as_parameter",
     "broadcast_ldj",
     "check_event_size",
@@ -125,14 +126,45 @@ class TransformerBijector(tfb.Bijector):
         return self._transformer.inverse_log_det(y, self._params)
 
 
-class ConditionedBijector(tfb.Bijector):
+class VectorBijector(tfb.Bijector):
+    """Base of the flow layers: events are vectors, ``forward_min_event_ndims == 1``.
+
+    It holds what every layer here passes to `tfb.Bijector` the same way. A
+    layer whose log-det does not depend on its input sets
+    ``_constant_jacobian = True``. By default a layer declares no parameters
+    that TFP may batch-slice (its variables are its own, or its
+    conditioner's); a layer with batched parameters (`AffineDiagonal`)
+    overrides `_parameter_properties`.
+    """
+
+    _constant_jacobian: bool = False
+
+    def __init__(self, *, dtype: tf.DType | None, validate_args: bool, parameters: dict[str, Any], name: str):
+        super().__init__(
+            forward_min_event_ndims=1,
+            is_constant_jacobian=self._constant_jacobian,
+            dtype=dtype,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
+
+    @classmethod
+    def _parameter_properties(cls, dtype, num_classes=None):
+        return dict()
+
+
+class ConditionedBijector(VectorBijector):
     """Shared machinery of the layers that feed a conditioner's output to a `Transformer`.
 
-    `IAF`, `MAF` and `Coupling` hold a conditioner network (whose variables
-    `tf.Module` tracking finds) and a transformer (affine by default); their
-    events are vectors, ``forward_min_event_ndims == 1``, and their dtype is
-    the conditioner's.
+    `IAF`, `MAF`, `NAF`, `Coupling` and `RealNVP` hold a conditioner network
+    (whose variables `tf.Module` tracking finds) and a transformer (affine by
+    default, see `_make_transformer`); their dtype is the conditioner's. A
+    subclass names its default ``name`` in ``_default_name``; ``parameters``
+    (the subclass constructor's locals) records the name actually used.
     """
+
+    _default_name: str
 
     def __init__(
         self,
@@ -141,26 +173,24 @@ class ConditionedBijector(tfb.Bijector):
         transformer: Transformer | None,
         validate_args: bool,
         parameters: dict[str, Any],
-        name: str,
+        name: str | None,
     ):
+        name = self._default_name if name is None else name
+        parameters = {**parameters, "name": name}
+        self._conditioner = conditioner
+        self._transformer = self._make_transformer(transformer)
+        with tf.name_scope(name) as name:
+            self._event_size = getattr(conditioner, "event_size", None)
+            super().__init__(
+                dtype=layer_dtype(conditioner), validate_args=validate_args, parameters=parameters, name=name
+            )
+
+    def _make_transformer(self, transformer: Transformer | None) -> Transformer:
+        """The transformer to use (``None``: the default); subclasses add checks here."""
         # Imported here: affine.py imports this module.
         from neutra_flows.bijectors.affine import AffineTransformer
 
-        with tf.name_scope(name) as name:
-            self._conditioner = conditioner
-            self._transformer = AffineTransformer() if transformer is None else transformer
-            self._event_size = getattr(conditioner, "event_size", None)
-            super().__init__(
-                forward_min_event_ndims=1,
-                dtype=layer_dtype(conditioner),
-                validate_args=validate_args,
-                parameters=parameters,
-                name=name,
-            )
-
-    @classmethod
-    def _parameter_properties(cls, dtype, num_classes=None):
-        return dict()
+        return AffineTransformer() if transformer is None else transformer
 
     @property
     def conditioner(self) -> Callable[[tf.Tensor], tf.Tensor]:

@@ -14,22 +14,22 @@ NAF, BNAF, Sylvester and residual layers invert the same way:
    NaN under XLA, never a silently wrong number.
 
 A subclass supplies steps 1 and 2 (`_solve` and `_implicit_step`) and inherits
-`inverse_with_info` and `_inverse`.
+`inverse_with_info` and `_inverse`; a layer that holds its own parameters
+stores its event size and solver options with `_init_solver`.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
-import tensorflow_probability as tfp
 
+from neutra_flows._utils import check_positive_int
+from neutra_flows.bijectors._core import VectorBijector
 from neutra_flows.bijectors._root_finding import RootResult, check_converged
-
-tfb = tfp.bijectors
 
 __all__ = ["IterativeInverse"]
 
 
-class IterativeInverse(tfb.Bijector):
+class IterativeInverse(VectorBijector):
     r"""Base of the bijectors whose inverse is solved numerically.
 
     Subclasses implement the forward map and its log-det as usual, plus:
@@ -50,9 +50,12 @@ class IterativeInverse(tfb.Bijector):
     Shapes: events ``[..., d]``; the diagnostics have the shape of ``y``.
     """
 
-    @classmethod
-    def _parameter_properties(cls, dtype, num_classes=None):
-        return dict()
+    def _init_solver(self, event_size: int, *, tol: float | None, max_iterations: int) -> int:
+        """Stores `d` and the options of `_solve` (``tol=None``: the dtype's default); returns `d`."""
+        self._event_size = check_positive_int(event_size, "event_size")
+        self._tol = tol
+        self._max_iterations = check_positive_int(max_iterations, "max_iterations")
+        return self._event_size
 
     def _solve(self, y: tf.Tensor) -> RootResult:
         raise NotImplementedError

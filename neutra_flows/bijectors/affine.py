@@ -22,7 +22,7 @@ from typing import Any
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from neutra_flows.bijectors._core import Transformer, as_parameter, broadcast_ldj
+from neutra_flows.bijectors._core import Transformer, VectorBijector, as_parameter, broadcast_ldj
 
 tfb = tfp.bijectors
 
@@ -88,7 +88,40 @@ class AffineTransformer(Transformer):
         return f"AffineTransformer(max_log_scale={self.max_log_scale})"
 
 
-class AffineDiagonal(tfb.Bijector):
+class _ConstantAffine(VectorBijector):
+    r"""Shared constructor of the affine baselines: a shift :math:`m` and one raw parameter tensor.
+
+    A subclass names its raw parameter in ``_raw_name``: the constructor
+    argument, its `_parameter_properties` entry and the attribute
+    ``_<raw_name>`` that holds it (attribute names fix the order of
+    `tf.Module.variables`, hence of saved weights). Both tensors are vectors,
+    ``[..., k]``, in the raw parameter's dtype (float32 when it has none). The
+    Jacobian is constant.
+    """
+
+    _constant_jacobian = True
+    _raw_name: str
+
+    def __init__(self, shift: Any, raw: Any, *, validate_args: bool, parameters: dict[str, Any], name: str):
+        with tf.name_scope(name) as name:
+            dtype = tf.as_dtype(getattr(raw, "dtype", None) or tf.float32)
+            self._shift = as_parameter(shift, dtype, "shift")
+            setattr(self, f"_{self._raw_name}", as_parameter(raw, dtype, self._raw_name))
+            super().__init__(dtype=dtype, validate_args=validate_args, parameters=parameters, name=name)
+
+    @classmethod
+    def _parameter_properties(cls, dtype, num_classes=None):
+        return {
+            "shift": tfp.util.ParameterProperties(event_ndims=1),
+            cls._raw_name: tfp.util.ParameterProperties(event_ndims=1),
+        }
+
+    @property
+    def shift(self):
+        return self._shift
+
+
+class AffineDiagonal(_ConstantAffine):
     r"""Diagonal affine flow :math:`z = u \odot e^{s} + m`.
 
     * forward :math:`z = u \odot e^{s} + m`; inverse :math:`u = (z - m) \odot e^{-s}`;
@@ -105,38 +138,12 @@ class AffineDiagonal(tfb.Bijector):
     Inputs are ``[..., d]``; parameter batch dims broadcast against them.
     """
 
+    _raw_name = "log_scale"
+
     def __init__(
-        self,
-        shift: Any,
-        log_scale: Any,
-        *,
-        validate_args: bool = False,
-        name: str = "affine_diagonal",
+        self, shift: Any, log_scale: Any, *, validate_args: bool = False, name: str = "affine_diagonal"
     ):
-        parameters = dict(locals())
-        with tf.name_scope(name) as name:
-            dtype = tf.as_dtype(getattr(log_scale, "dtype", None) or tf.float32)
-            self._shift = as_parameter(shift, dtype, "shift")
-            self._log_scale = as_parameter(log_scale, dtype, "log_scale")
-            super().__init__(
-                forward_min_event_ndims=1,
-                is_constant_jacobian=True,
-                dtype=dtype,
-                validate_args=validate_args,
-                parameters=parameters,
-                name=name,
-            )
-
-    @classmethod
-    def _parameter_properties(cls, dtype, num_classes=None):
-        return dict(
-            shift=tfp.util.ParameterProperties(event_ndims=1),
-            log_scale=tfp.util.ParameterProperties(event_ndims=1),
-        )
-
-    @property
-    def shift(self):
-        return self._shift
+        super().__init__(shift, log_scale, validate_args=validate_args, parameters=dict(locals()), name=name)
 
     @property
     def log_scale(self):
@@ -155,7 +162,7 @@ class AffineDiagonal(tfb.Bijector):
         return broadcast_ldj(-tf.reduce_sum(self._log_scale, axis=-1), y)
 
 
-class AffineLowerTriangular(tfb.Bijector):
+class AffineLowerTriangular(_ConstantAffine):
     r"""Full-rank affine flow :math:`z = L u + m` with lower-triangular :math:`L`.
 
     The raw vector :math:`r` (length :math:`d(d+1)/2`) fills a lower-triangular
@@ -174,6 +181,8 @@ class AffineLowerTriangular(tfb.Bijector):
       name: name of the bijector.
     """
 
+    _raw_name = "tril_params"
+
     def __init__(
         self,
         shift: Any,
@@ -182,30 +191,7 @@ class AffineLowerTriangular(tfb.Bijector):
         validate_args: bool = False,
         name: str = "affine_lower_triangular",
     ):
-        parameters = dict(locals())
-        with tf.name_scope(name) as name:
-            dtype = tf.as_dtype(getattr(tril_params, "dtype", None) or tf.float32)
-            self._shift = as_parameter(shift, dtype, "shift")
-            self._tril_params = as_parameter(tril_params, dtype, "tril_params")
-            super().__init__(
-                forward_min_event_ndims=1,
-                is_constant_jacobian=True,
-                dtype=dtype,
-                validate_args=validate_args,
-                parameters=parameters,
-                name=name,
-            )
-
-    @classmethod
-    def _parameter_properties(cls, dtype, num_classes=None):
-        return dict(
-            shift=tfp.util.ParameterProperties(event_ndims=1),
-            tril_params=tfp.util.ParameterProperties(event_ndims=1),
-        )
-
-    @property
-    def shift(self):
-        return self._shift
+        super().__init__(shift, tril_params, validate_args=validate_args, parameters=dict(locals()), name=name)
 
     @property
     def tril_params(self):
@@ -234,28 +220,20 @@ class AffineLowerTriangular(tfb.Bijector):
         return -self._forward_log_det_jacobian(y)
 
 
-class Identity(tfb.Bijector):
+class Identity(VectorBijector):
     """The identity on vectors: :math:`z = u`, log-det 0 (plain HMC/NUTS).
 
     Unlike `tfb.Identity` it has ``forward_min_event_ndims = 1`` like every
     other flow here, and its log-det is shaped ``[...]`` for inputs ``[..., d]``.
     """
 
+    _constant_jacobian = True
+
     def __init__(self, *, dtype: Any = None, validate_args: bool = False, name: str = "identity"):
         parameters = dict(locals())
         with tf.name_scope(name) as name:
-            super().__init__(
-                forward_min_event_ndims=1,
-                is_constant_jacobian=True,
-                dtype=None if dtype is None else tf.as_dtype(dtype),
-                validate_args=validate_args,
-                parameters=parameters,
-                name=name,
-            )
-
-    @classmethod
-    def _parameter_properties(cls, dtype, num_classes=None):
-        return dict()
+            dtype = None if dtype is None else tf.as_dtype(dtype)
+            super().__init__(dtype=dtype, validate_args=validate_args, parameters=parameters, name=name)
 
     def _forward(self, x):
         return tf.identity(x)

@@ -56,7 +56,23 @@ __all__ = ["IAF", "MAF"]
 
 
 class _Autoregressive(ConditionedBijector):
-    """Shared machinery of `MAF` and `IAF`: one parallel pass, one sequential solve."""
+    """Shared machinery of `MAF` and `IAF`: the constructor, one parallel pass, one sequential solve."""
+
+    def __init__(
+        self,
+        conditioner: Callable[[tf.Tensor], tf.Tensor],
+        *,
+        transformer: Transformer | None = None,
+        validate_args: bool = False,
+        name: str | None = None,
+    ):
+        super().__init__(
+            conditioner,
+            transformer=transformer,
+            validate_args=validate_args,
+            parameters=dict(locals()),
+            name=name,
+        )
 
     def _params(self, h: tf.Tensor) -> tf.Tensor:
         check_event_size(h, self._event_size, self.name)
@@ -97,27 +113,12 @@ class IAF(_Autoregressive):
         e.g. ``neutra_flows.nn.MADE(d, 2, hidden_units=[d, d])``.
       transformer: elementwise transformer (default `AffineTransformer`).
       validate_args: check arguments at run time.
-      name: name of the bijector.
+      name: name of the bijector (default ``"iaf"``).
 
     Inputs ``[..., d]`` with any batch shape; log-dets ``[...]``.
     """
 
-    def __init__(
-        self,
-        conditioner: Callable[[tf.Tensor], tf.Tensor],
-        *,
-        transformer: Transformer | None = None,
-        validate_args: bool = False,
-        name: str = "iaf",
-    ):
-        parameters = dict(locals())
-        super().__init__(
-            conditioner,
-            transformer=transformer,
-            validate_args=validate_args,
-            parameters=parameters,
-            name=name,
-        )
+    _default_name = "iaf"
 
     def _forward(self, x):
         return self._transformer.forward(x, self._params(x))
@@ -139,31 +140,12 @@ class MAF(_Autoregressive):
     Use it when the density of data is evaluated often (`fit_to_data`) and
     sampling is rare; for NeuTra prefer `IAF`.
 
-    Args:
-      conditioner: autoregressive network ``[..., d] -> [..., d, num_params]``.
-      transformer: elementwise transformer (default `AffineTransformer`).
-      validate_args: check arguments at run time.
-      name: name of the bijector.
+    Args: as `IAF` (the same constructor); ``name`` defaults to ``"maf"``.
 
     Inputs ``[..., d]`` with any batch shape; log-dets ``[...]``.
     """
 
-    def __init__(
-        self,
-        conditioner: Callable[[tf.Tensor], tf.Tensor],
-        *,
-        transformer: Transformer | None = None,
-        validate_args: bool = False,
-        name: str = "maf",
-    ):
-        parameters = dict(locals())
-        super().__init__(
-            conditioner,
-            transformer=transformer,
-            validate_args=validate_args,
-            parameters=parameters,
-            name=name,
-        )
+    _default_name = "maf"
 
     def _forward(self, x):
         return self._solve_sequentially(x, "forward")

@@ -121,13 +121,10 @@ class BlockNeuralAutoregressive(IterativeInverse):
           name: name scope of the variables.
         """
         parameters = dict(locals())
-        d = check_positive_int(event_size, "event_size")
+        d = self._init_solver(event_size, tol=tol, max_iterations=max_iterations)
         a = check_positive_int(hidden_factor, "hidden_factor")
         n_hidden = check_positive_int(num_hidden_layers, "num_hidden_layers")
         dtype = canonical_dtype(dtype)
-        self._event_size = d
-        self._tol = tol
-        self._max_iterations = check_positive_int(max_iterations, "max_iterations")
         blocks = [1] + [a] * n_hidden + [1]
         self._blocks = blocks
         rng = np.random.default_rng(int(seed))
@@ -160,13 +157,7 @@ class BlockNeuralAutoregressive(IterativeInverse):
                 self.biases.append(tf.Variable(tf.zeros([d * q], dtype), name=f"b{k}"))
                 if k < len(blocks) - 2:
                     self.gates.append(tf.Variable(tf.zeros([d * q], dtype), name=f"g{k}"))
-        super().__init__(
-            forward_min_event_ndims=1,
-            validate_args=validate_args,
-            dtype=dtype,
-            parameters=parameters,
-            name=name,
-        )
+        super().__init__(dtype=dtype, validate_args=validate_args, parameters=parameters, name=name)
 
     def _params(self, frozen=False):
         """Effective `(W_l, log diag blocks_l, c_l)` per layer and `beta`s."""

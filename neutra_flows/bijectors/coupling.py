@@ -25,7 +25,6 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import tensorflow as tf
 
@@ -44,11 +43,12 @@ class Coupling(ConditionedBijector):
       num_masked: :math:`m`, the size of the block that passes through (>= 0).
       transformer: elementwise transformer (default `AffineTransformer`).
       validate_args: check arguments at run time.
-      parameters: constructor locals of a subclass (for `copy`).
-      name: name of the bijector.
+      name: name of the bijector (default ``"coupling"``).
 
     Inputs ``[..., d]`` with any batch shape; log-dets ``[...]``.
     """
+
+    _default_name = "coupling"
 
     def __init__(
         self,
@@ -57,17 +57,12 @@ class Coupling(ConditionedBijector):
         num_masked: int,
         transformer: Transformer | None = None,
         validate_args: bool = False,
-        parameters: dict[str, Any] | None = None,
-        name: str = "coupling",
+        name: str | None = None,
     ):
-        parameters = dict(locals()) if parameters is None else parameters
+        parameters = dict(locals())
         self._num_masked = check_positive_int(num_masked, "num_masked", minimum=0)
         super().__init__(
-            conditioner,
-            transformer=transformer,
-            validate_args=validate_args,
-            parameters=parameters,
-            name=name,
+            conditioner, transformer=transformer, validate_args=validate_args, parameters=parameters, name=name
         )
 
     @property
@@ -116,27 +111,13 @@ class RealNVP(Coupling):
         log-scale softly bounded by 5; ``AffineTransformer(None)`` is the
         unbounded original).
       validate_args: check arguments at run time.
-      name: name of the bijector.
+      name: name of the bijector (default ``"real_nvp"``).
     """
 
-    def __init__(
-        self,
-        conditioner: Callable[[tf.Tensor], tf.Tensor],
-        *,
-        num_masked: int,
-        transformer: AffineTransformer | None = None,
-        validate_args: bool = False,
-        name: str = "real_nvp",
-    ):
-        parameters = dict(locals())
-        transformer = AffineTransformer() if transformer is None else transformer
+    _default_name = "real_nvp"
+
+    def _make_transformer(self, transformer: Transformer | None) -> Transformer:
+        transformer = super()._make_transformer(transformer)
         if not isinstance(transformer, AffineTransformer):
             raise ValueError(f"transformer must be an AffineTransformer, got {transformer!r}")
-        super().__init__(
-            conditioner,
-            num_masked=num_masked,
-            transformer=transformer,
-            validate_args=validate_args,
-            parameters=parameters,
-            name=name,
-        )
+        return transformer

@@ -15,6 +15,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from neutra_flows._utils import canonical_dtype, check_positive_int
+from neutra_flows.bijectors._core import VectorBijector
 
 tfb = tfp.bijectors
 
@@ -51,7 +52,7 @@ def make_permutation(
     return perm.astype(np.int32)
 
 
-class LULinear(tfb.Bijector):
+class LULinear(VectorBijector):
     r"""Invertible dense layer `y = P L U x + b` with a fixed permutation `P`.
 
     **Parameters.** One trainable `[d, d]` matrix `lower_upper = M` and a shift
@@ -91,6 +92,8 @@ class LULinear(tfb.Bijector):
       convolutions. NeurIPS 2018. arXiv:1807.03039.
     """
 
+    _constant_jacobian = True
+
     def __init__(
         self,
         event_size: int,
@@ -123,18 +126,7 @@ class LULinear(tfb.Bijector):
             self._inverse_perm = tf.constant(np.argsort(perm).astype(np.int32))
             self.lower_upper = tf.Variable(tf.zeros([d, d], dtype), name="lower_upper")
             self.shift = tf.Variable(tf.zeros([d], dtype), name="shift")
-            super().__init__(
-                forward_min_event_ndims=1,
-                is_constant_jacobian=True,
-                validate_args=validate_args,
-                dtype=dtype,
-                parameters=parameters,
-                name=name,
-            )
-
-    @classmethod
-    def _parameter_properties(cls, dtype, num_classes=None):
-        return dict()
+            super().__init__(dtype=dtype, validate_args=validate_args, parameters=parameters, name=name)
 
     @property
     def event_size(self) -> int:

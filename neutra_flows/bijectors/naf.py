@@ -194,7 +194,7 @@ class NAF(IterativeInverse, IAF):
       transformer: a `DeepSigmoidalTransformer` with `num_params` matching the
         conditioner (default: `DeepSigmoidalTransformer()`, `K = 8`).
       validate_args: check arguments at run time.
-      name: name of the bijector.
+      name: name of the bijector (default `"naf"`).
 
     Inputs `[..., d]` with any batch shape; log-dets `[...]`.
 
@@ -211,24 +211,19 @@ class NAF(IterativeInverse, IAF):
       autoregressive flows. ICML 2018. arXiv:1804.00779.
     """
 
-    def __init__(
-        self,
-        conditioner: Callable[[tf.Tensor], tf.Tensor],
-        *,
-        transformer: DeepSigmoidalTransformer | None = None,
-        validate_args: bool = False,
-        name: str = "naf",
-    ):
+    _default_name = "naf"
+
+    def _make_transformer(self, transformer: Transformer | None) -> Transformer:
         transformer = DeepSigmoidalTransformer() if transformer is None else transformer
         if not isinstance(transformer, DeepSigmoidalTransformer):
             raise ValueError(f"transformer must be a DeepSigmoidalTransformer, got {transformer!r}")
-        num_params = getattr(conditioner, "num_params", transformer.num_params)
+        num_params = getattr(self._conditioner, "num_params", transformer.num_params)
         if num_params != transformer.num_params:
             raise ValueError(
                 f"the conditioner gives {num_params} parameters per coordinate, the "
                 f"transformer needs {transformer.num_params} (3 * num_components)"
             )
-        super().__init__(conditioner, transformer=transformer, validate_args=validate_args, name=name)
+        return transformer
 
     def _solve(self, y):
         transformer = self._transformer

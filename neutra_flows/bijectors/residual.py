@@ -204,7 +204,7 @@ class InvertibleResidual(IterativeInverse):
           name: name scope of the variables.
         """
         parameters = dict(locals())
-        d = check_positive_int(event_size, "event_size")
+        d = self._init_solver(event_size, tol=tol, max_iterations=max_iterations)
         dtype = canonical_dtype(dtype)
         hidden = [check_positive_int(h, "hidden_units entries") for h in hidden_units]
         if not hidden:
@@ -216,15 +216,12 @@ class InvertibleResidual(IterativeInverse):
         if not 0.0 < float(roulette_p) < 1.0:
             raise ValueError(f"roulette_p must be in (0, 1), got {roulette_p}")
         self._phi, self._dphi = _activation(activation)
-        self._event_size = d
         self._lipschitz = float(lipschitz)
         self._layer_bound = float(lipschitz) ** (1.0 / (len(hidden) + 1))
         self._log_det_kind = log_det
         self._num_exact_terms = check_positive_int(num_exact_terms, "num_exact_terms")
         self._roulette_p = float(roulette_p)
         self._max_terms = max(check_positive_int(max_terms, "max_terms"), self._num_exact_terms)
-        self._tol = tol
-        self._max_iterations = check_positive_int(max_iterations, "max_iterations")
         self._seed = int(seed)
         self.exact_log_det = log_det == "exact"
         sizes = [d, *hidden, d]
@@ -235,13 +232,7 @@ class InvertibleResidual(IterativeInverse):
             ]
             self.biases = [tf.Variable(tf.zeros([n], dtype), name=f"b{i}") for i, n in enumerate(sizes[1:])]
             self._calls = tf.Variable(0, dtype=tf.int64, trainable=False, name="noise_counter")
-        super().__init__(
-            forward_min_event_ndims=1,
-            validate_args=validate_args,
-            dtype=dtype,
-            parameters=parameters,
-            name=name,
-        )
+        super().__init__(dtype=dtype, validate_args=validate_args, parameters=parameters, name=name)
 
     @property
     def lipschitz(self) -> float:

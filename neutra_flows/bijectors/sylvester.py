@@ -96,13 +96,10 @@ class HouseholderSylvester(IterativeInverse):
           name: name scope of the variables.
         """
         parameters = dict(locals())
-        d = check_positive_int(event_size, "event_size")
+        d = self._init_solver(event_size, tol=tol, max_iterations=max_iterations)
         k = d if num_householder is None else check_positive_int(num_householder, "num_householder")
         dtype = canonical_dtype(dtype)
         np_dtype = dtype.as_numpy_dtype
-        self._event_size = d
-        self._tol = tol
-        self._max_iterations = check_positive_int(max_iterations, "max_iterations")
         rng = np.random.default_rng(int(seed))
         with tf.name_scope(name):
             self.householder = tf.Variable(rng.standard_normal([k, d]).astype(np_dtype), name="householder")
@@ -112,13 +109,7 @@ class HouseholderSylvester(IterativeInverse):
             self.r_diag = tf.Variable(tf.zeros([d], dtype), name="r_diag")
             self.r_tilde_diag = tf.Variable(tf.ones([d], dtype), name="r_tilde_diag")
             self.bias = tf.Variable(tf.zeros([d], dtype), name="bias")
-        super().__init__(
-            forward_min_event_ndims=1,
-            validate_args=validate_args,
-            dtype=dtype,
-            parameters=parameters,
-            name=name,
-        )
+        super().__init__(dtype=dtype, validate_args=validate_args, parameters=parameters, name=name)
 
     def _matrices(self, frozen=False):
         """`(R, R~, diag R, diag R~, b, V)`."""
