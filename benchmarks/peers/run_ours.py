@@ -1,0 +1,163 @@
+"""neutra_flows on the peers benchmark's targets: NeuTra with a fitted IAF, the adaptive flow, plain NUTS.
+
+Runs in the Python that has neutra_flows (the system one), from the repo root::
+
+    PYTHONPATH=. python benchmarks/peers/run_ours.py [TARGET ...] [--methods ours-fit ours-adapt ours-nuts]
+
+Methods (one ``runs/<target>/<method>.{npz,json}`` each), all with 4 chains,
+1000 warm-up + 1000 kept draws per chain:
+
+``ours-fit``
+    what ``neutra-flows bench <target>`` runs (``neutra_flows.bench.run_benchmark``,
+    its defaults for the target from ``BENCHMARKS``): ``nf.fit(target,
+    nf.make_flow("iaf", d), num_steps=2000, batch_size=256, seed=0)`` (whitening
+    stage included), then ``nf.sample(target, fit_result, kernel="hmc", seed=1)``
+    (NeuTra-HMC with ChEES and the latent-scale window).
+``ours-adapt``
+    ``nf.sample(target, flow="adapt", num_chains=4, ..., seed=1)``: the flow
+    trained during warm-up. If this version of neutra_flows does not have it
+    (a TypeError / ValueError about ``flow="adapt"``), the row is recorded as
+    skipped, with the error.
+``ours-nuts``
+    the bench's baseline: ``nf.sample(target, None, kernel="nuts", seed=2)``
+    (TFP NUTS with Stan-style windowed diagonal adaptation).
+
+Cost: the attrs ``nf.sample`` writes (``num_grad_evals_training`` from the
+fit, ``num_grad_evals_warmup``, ``num_grad_evals_sampling``, divergences, and the
+seconds ``flow_training_time``, ``compile_time``, ``warmup_time``,
+``sampling_time``); every attr is kept in the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import numpy as np  # noqa: E402
+
+METHODS = ("ours-fit", "ours-adapt", "ours-nuts")
+
+
+def _attrs(idata) -> dict:
+    out = {}
+    for group in ("sample_stats", "posterior"):
+        if hasattr(idata, group):
+            for k, v in getattr(idata, group).attrs.items():
+                out.setdefault(k, v.tolist() if isinstance(v, np.ndarray) else v)
+    return out
+
+
+def _num(attrs: dict, key: str, default=None):
+    v = attrs.get(key, default)
+    return None if v is None else float(v)
+
+
+def _record_from_idata(base: dict, idata, extra: dict | None = None) -> tuple[dict, dict, dict]:
+    attrs = _attrs(idata)
+    stats = idata.sample_stats
+    div = np.asarray(stats["diverging"], bool)
+    n_steps = np.asarray(stats["n_steps"], np.int64)
+    times = {
+        "compile": _num(attrs, "compile_time"),
+        "training": _num(attrs, "flow_training_time"),
+        "warmup": _num(attrs, "warmup_time"),
+        "sampling": _num(attrs, "sampling_time"),
+        "warmup_and_sampling": None,
+    }
+    times["total"] = sum(v for v in times.values() if v is not None)
+    record = dict(base)
+    record.update(
+        status="ok",
+        grad_evals_training=int(attrs.get("num_grad_evals_training", 0) or 0),
+        grad_evals_warmup=int(attrs["num_grad_evals_warmup"]),
+        grad_evals_sampling=int(attrs.get("num_grad_evals_sampling", n_steps.sum())),
+        divergences_warmup=int(attrs.get("num_divergences_warmup", 0)),
+        divergences_sampling=int(div.sum()),
+        times=times,
+        counting=("nf.sample's attrs: training = the fit's target gradients (whitening, steps x batch); "
+                  "warm-up and sampling = leapfrog steps of all chains"),
+        attrs={k: v for k, v in attrs.items() if k != "ground_truth"},
+    )
+    record.update(extra or {})
+    draws = {name: np.asarray(idata.posterior[name], np.float64) for name in idata.posterior.data_vars}
+    return record, draws, {"diverging": div, "n_steps": n_steps}
+
+
+def run_one(target_key: str, method: str) -> None:
+    import neutra_flows as nf
+    from neutra_flows.bench import BENCHMARKS
+
+    spec = BENCHMARKS[common.TARGETS[target_key]]
+    seed = common.SEED
+    common_kw = dict(num_chains=common.NUM_CHAINS, num_warmup=common.NUM_WARMUP,
+                     num_samples=common.NUM_SAMPLES, progress=False)
+    label = {"ours-fit": f"neutra_flows NeuTra-{spec.flow.upper()}-{spec.kernel.upper()} (fit, then sample)",
+             "ours-adapt": 'neutra_flows sample(flow="adapt")',
+             "ours-nuts": "neutra_flows baseline NUTS (TFP, windowed diagonal)"}[method]
+    base = {"label": label, "versions": common.package_versions(
+        ["tensorflow", "tensorflow-probability", "arviz", "numpy"]) | {"neutra_flows": nf.__version__,
+                                                                        "neutra_flows_path": nf.__file__}}
+
+    def go():
+        target = spec.make_target()
+        if method == "ours-fit":
+            flow = nf.make_flow(spec.flow, target.event_size, dtype=target.dtype, **dict(spec.flow_options))
+            fit_kw = dict(num_steps=100 if common.QUICK else spec.train_steps, batch_size=spec.batch_size,
+                          seed=seed, progress=False)
+            if spec.learning_rate is not None:
+                fit_kw["learning_rate"] = spec.learning_rate
+            fit_result = nf.fit(target, flow, **fit_kw)
+            idata = nf.sample(target, fit_result, kernel=spec.kernel, seed=seed + 1, **common_kw)
+            settings = {"flow": spec.flow, "flow_options": dict(spec.flow_options), "train_steps": spec.train_steps,
+                        "batch_size": spec.batch_size, "learning_rate": spec.learning_rate,
+                        "kernel": spec.kernel, "fit_seed": seed, "sample_seed": seed + 1}
+            fit_info = {"khat": float(fit_result.khat), "elbo": float(fit_result.elbo),
+                        "num_grad_evals": int(fit_result.num_grad_evals),
+                        "wall_time": float(fit_result.wall_time),
+                        "stop_reason": str(getattr(fit_result, "stop_reason", "")),
+                        "whitening": (fit_result.whitening.method
+                                      if getattr(fit_result, "whitening", None) is not None else "none")}
+            extra = {"settings": settings | {k: common_kw[k] for k in ("num_chains", "num_warmup", "num_samples")},
+                     "fit": fit_info}
+        elif method == "ours-adapt":
+            try:
+                idata = nf.sample(target, flow="adapt", seed=seed + 1, **common_kw)
+            except (TypeError, ValueError) as err:
+                text = str(err)
+                if "adapt" in text or "flow" in text:
+                    record = dict(base)
+                    record.update(status="skipped",
+                                  reason=f'this neutra_flows has no sample(flow="adapt"): {type(err).__name__}: '
+                                         f"{text.strip()[:400]}")
+                    common.save_run(target_key, method, record)
+                    return
+                raise
+            extra = {"settings": {"flow": "adapt", "seed": seed + 1} | common_kw}
+        else:
+            idata = nf.sample(target, None, kernel="nuts", seed=seed + 2, **common_kw)
+            extra = {"settings": {"kernel": "nuts", "seed": seed + 2} | common_kw}
+        record, draws, stats = _record_from_idata(base, idata, extra)
+        common.save_run(target_key, method, record, draws, stats)
+
+    common.guarded(target_key, method, base, go)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("targets", nargs="*", help=f"default: all of {list(common.TARGETS)}")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    args = parser.parse_args()
+    for target in common.parse_targets(args.targets):
+        for method in args.methods:
+            t0 = time.perf_counter()
+            run_one(target, method)
+            print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
