@@ -52,7 +52,7 @@ if QUICK:
 # Where table.py writes peers.md / peers.json (a quick run never overwrites the real ones).
 OUTPUT_DIR = os.path.join(RUNS_DIR, "quick_results") if QUICK else RESULTS_DIR
 
-# Our short target names -> neutra_flows.bench.BENCHMARKS names. The order is the
+# Our short target names -> neutra_flows.app.bench.BENCHMARKS names. The order is the
 # priority order of run_all.sh (cheap and central first).
 TARGETS: dict[str, str] = {
     "funnel-10": "funnel",
@@ -109,8 +109,12 @@ def machine() -> dict[str, Any]:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "load_average_at_end": load}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": load,
+    }
 
 
 def package_versions(names: list[str]) -> dict[str, str]:
@@ -156,10 +160,15 @@ def begin_run() -> None:
     _CPU_START[:] = [time.process_time()]
 
 
-def save_run(target: str, method: str, record: Mapping[str, Any],
-             draws: Mapping[str, np.ndarray] | None = None,
-             stats: Mapping[str, np.ndarray] | None = None) -> None:
-    """Writes one run: draws (``{name: [chains, draws, ...]}``) and stats into the .npz, the record into the .json."""
+def save_run(
+    target: str,
+    method: str,
+    record: Mapping[str, Any],
+    draws: Mapping[str, np.ndarray] | None = None,
+    stats: Mapping[str, np.ndarray] | None = None,
+) -> None:
+    """Writes one run: draws (``{name: [chains, draws, ...]}``) and stats into the .npz,
+    the record into the .json."""
     npz_path, json_path = run_paths(target, method)
     if os.path.exists(npz_path):
         os.remove(npz_path)
@@ -179,8 +188,12 @@ def save_run(target: str, method: str, record: Mapping[str, Any],
     with open(json_path, "w") as fh:
         json.dump(_json_safe(payload), fh, indent=2)
     status = payload.get("status", "ok")
-    print(f"[{target} / {method}] {status}" + (f": {payload.get('reason')}" if status != "ok" else "")
-          + f" -> {json_path}", flush=True)
+    print(
+        f"[{target} / {method}] {status}"
+        + (f": {payload.get('reason')}" if status != "ok" else "")
+        + f" -> {json_path}",
+        flush=True,
+    )
 
 
 def guarded(target: str, method: str, base: Mapping[str, Any], fn: Callable[[], None]) -> bool:
@@ -191,8 +204,11 @@ def guarded(target: str, method: str, base: Mapping[str, Any], fn: Callable[[], 
         return True
     except Exception as err:  # noqa: BLE001 - one failed run must not cost the others
         record = dict(base)
-        record.update(status="failed", reason=f"{type(err).__name__}: {str(err).strip()[:800]}",
-                      traceback=traceback.format_exc()[-4000:])
+        record.update(
+            status="failed",
+            reason=f"{type(err).__name__}: {str(err).strip()[:800]}",
+            traceback=traceback.format_exc()[-4000:],
+        )
         save_run(target, method, record)
         return False
 
@@ -223,7 +239,10 @@ if __name__ == "__main__":
 
     if len(sys.argv) == 5 and sys.argv[1] == "timeout":
         _, _, tgt, meth, secs = sys.argv
-        save_run(tgt, meth, {"status": "failed",
-                             "reason": f"killed by run_all.sh's time limit after {secs} s (PEERS_TIMEOUT)"})
+        save_run(
+            tgt,
+            meth,
+            {"status": "failed", "reason": f"killed by run_all.sh's time limit after {secs} s (PEERS_TIMEOUT)"},
+        )
     else:
         raise SystemExit("usage: common.py timeout TARGET METHOD SECONDS")

@@ -44,8 +44,9 @@ def main() -> None:
         pm.Normal("y", theta, common.EIGHT_SCHOOLS_SIGMA, observed=common.EIGHT_SCHOOLS_Y)
     t0 = time.perf_counter()
     compiled = nutpie.compile_pymc_model(model, backend="jax", gradient_backend="jax")
-    trace = nutpie.sample(compiled, chains=CHAINS, draws=DRAWS, tune=TUNE, seed=SEED,
-                          progress_bar=False, target_accept=0.95)
+    trace = nutpie.sample(
+        compiled, chains=CHAINS, draws=DRAWS, tune=TUNE, seed=SEED, progress_bar=False, target_accept=0.95
+    )
     seconds = time.perf_counter() - t0
     post = trace.posterior[["mu", "tau", "theta"]]
     mean = {k: np.asarray(post[k].mean(("chain", "draw"))) for k in post.data_vars}
@@ -55,9 +56,15 @@ def main() -> None:
     rhat = az.rhat(post)
     out = {
         "what": "eight schools (mu ~ N(0, 5), tau ~ HalfCauchy(0, 5), y_i ~ N(theta_i, sigma_i)) posterior, "
-                "estimated by a long non-centred nutpie NUTS run",
-        "settings": {"chains": CHAINS, "draws": DRAWS, "tune": TUNE, "seed": SEED, "target_accept": 0.95,
-                     "parameterisation": "non-centred (theta = mu + tau * eta)"},
+        "estimated by a long non-centred nutpie NUTS run",
+        "settings": {
+            "chains": CHAINS,
+            "draws": DRAWS,
+            "tune": TUNE,
+            "seed": SEED,
+            "target_accept": 0.95,
+            "parameterisation": "non-centred (theta = mu + tau * eta)",
+        },
         "mean": {k: v.tolist() for k, v in mean.items()},
         "std": {k: v.tolist() for k, v in std.items()},
         "mcse_mean": {k: np.asarray(mcse_mean[k]).tolist() for k in post.data_vars},
@@ -71,8 +78,10 @@ def main() -> None:
     path = os.path.join(common.RESULTS_DIR, "eight_schools_reference.json")
     with open(path, "w") as fh:
         json.dump(out, fh, indent=2)
-    print(f"wrote {path}: min ESS {out['min_ess_bulk']:.0f}, max R-hat {out['max_rhat']:.4f}, "
-          f"{out['divergences']} divergences, {seconds:.0f} s")
+    print(
+        f"wrote {path}: min ESS {out['min_ess_bulk']:.0f}, max R-hat {out['max_rhat']:.4f}, "
+        f"{out['divergences']} divergences, {seconds:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -115,10 +115,17 @@ def run_one(target: str) -> None:
         "label": "NumPyro NeuTraReparam (AutoIAFNormal)",
         "settings": {
             "guide": "AutoIAFNormal (defaults: num_flows=3, hidden_dims=[d, d])",
-            "elbo": "Trace_ELBO", "num_particles": NUM_PARTICLES, "train_steps": TRAIN_STEPS,
-            "optimizer": f"Adam({LEARNING_RATE})", "stable_update": True,
-            "kernel": "NUTS (defaults)", "chains": common.NUM_CHAINS, "num_warmup": common.NUM_WARMUP,
-            "num_samples": common.NUM_SAMPLES, "chain_method": "sequential", "seed": common.SEED,
+            "elbo": "Trace_ELBO",
+            "num_particles": NUM_PARTICLES,
+            "train_steps": TRAIN_STEPS,
+            "optimizer": f"Adam({LEARNING_RATE})",
+            "stable_update": True,
+            "kernel": "NUTS (defaults)",
+            "chains": common.NUM_CHAINS,
+            "num_warmup": common.NUM_WARMUP,
+            "num_samples": common.NUM_SAMPLES,
+            "chain_method": "sequential",
+            "seed": common.SEED,
             "jax_enable_x64": target in X64_TARGETS,
         },
         "versions": common.package_versions(["numpyro", "jax", "jaxlib", "numpy"]),
@@ -144,8 +151,14 @@ def run_one(target: str) -> None:
         losses = np.asarray(svi_result.losses, np.float64)
         neutra = NeuTraReparam(guide, params)
         kernel = NUTS(neutra.reparam(model))
-        mcmc = MCMC(kernel, num_warmup=common.NUM_WARMUP, num_samples=common.NUM_SAMPLES,
-                    num_chains=common.NUM_CHAINS, chain_method="sequential", progress_bar=False)
+        mcmc = MCMC(
+            kernel,
+            num_warmup=common.NUM_WARMUP,
+            num_samples=common.NUM_SAMPLES,
+            num_chains=common.NUM_CHAINS,
+            chain_method="sequential",
+            progress_bar=False,
+        )
         fields = ("num_steps", "diverging")
         with clock("warmup"):
             mcmc.warmup(key_mcmc, collect_warmup=True, extra_fields=fields)
@@ -164,7 +177,7 @@ def run_one(target: str) -> None:
         flat = latent.reshape((chains * draws,) + latent.shape[2:])
         values = neutra.transform_sample(flat)
         ours = {k: v.reshape((chains, draws) + v.shape[1:]) for k, v in to_ours(values).items()}
-        tail = losses[-max(1, len(losses) // 10):]
+        tail = losses[-max(1, len(losses) // 10) :]
         record = dict(base)
         record.update(
             status="ok",
@@ -173,13 +186,22 @@ def run_one(target: str) -> None:
             grad_evals_sampling=int(n_steps.sum()),
             divergences_warmup=int(warm_div.sum()),
             divergences_sampling=int(div.sum()),
-            times={"compile": None, "training": clock.seconds["training"], "warmup": clock.seconds["warmup"],
-                   "sampling": clock.seconds["sampling"], "warmup_and_sampling": None,
-                   "total": sum(clock.seconds.values())},
-            counting=("training = steps x num_particles ELBO gradients; warm-up and sampling = sum of "
-                      "NUTS num_steps (collect_warmup=True)"),
-            fit={"final_loss_mean_last_10pct": float(np.nanmean(tail)),
-                 "nonfinite_losses": int((~np.isfinite(losses)).sum())},
+            times={
+                "compile": None,
+                "training": clock.seconds["training"],
+                "warmup": clock.seconds["warmup"],
+                "sampling": clock.seconds["sampling"],
+                "warmup_and_sampling": None,
+                "total": sum(clock.seconds.values()),
+            },
+            counting=(
+                "training = steps x num_particles ELBO gradients; warm-up and sampling = sum of "
+                "NUTS num_steps (collect_warmup=True)"
+            ),
+            fit={
+                "final_loss_mean_last_10pct": float(np.nanmean(tail)),
+                "nonfinite_losses": int((~np.isfinite(losses)).sum()),
+            },
             notes=["compilation is inside the training (SVI) and warm-up (NUTS) seconds"],
         )
         common.save_run(target, method, record, ours, {"diverging": div, "n_steps": n_steps})

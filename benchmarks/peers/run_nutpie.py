@@ -110,13 +110,20 @@ def run_one(target: str, method: str, clock_model_cache: dict) -> None:
     base = {
         "label": "nutpie flow adaptation" if flow else "nutpie NUTS (diag)",
         "settings": {
-            "backend": "jax", "gradient_backend": "jax", "transform_adapt": flow,
+            "backend": "jax",
+            "gradient_backend": "jax",
+            "transform_adapt": flow,
             "with_transform_adapt": "nutpie defaults" if flow else None,
-            "chains": common.NUM_CHAINS, "tune": tune, "draws": common.NUM_SAMPLES,
-            "seed": common.SEED, "cores": cores, "jax_enable_x64": True,
+            "chains": common.NUM_CHAINS,
+            "tune": tune,
+            "draws": common.NUM_SAMPLES,
+            "seed": common.SEED,
+            "cores": cores,
+            "jax_enable_x64": True,
         },
-        "versions": common.package_versions(["nutpie", "pymc", "pytensor", "jax", "jaxlib", "flowjax",
-                                             "equinox", "numpy"]),
+        "versions": common.package_versions(
+            ["nutpie", "pymc", "pytensor", "jax", "jaxlib", "flowjax", "equinox", "numpy"]
+        ),
     }
 
     def go():
@@ -127,9 +134,17 @@ def run_one(target: str, method: str, clock_model_cache: dict) -> None:
             if flow:
                 compiled = compiled.with_transform_adapt(verbose=False, show_progress=False)
         with clock("warmup_and_sampling"):
-            trace = nutpie.sample(compiled, transform_adapt=flow, chains=common.NUM_CHAINS, tune=tune,
-                                  draws=common.NUM_SAMPLES, seed=common.SEED, cores=cores,
-                                  save_warmup=True, progress_bar=False)
+            trace = nutpie.sample(
+                compiled,
+                transform_adapt=flow,
+                chains=common.NUM_CHAINS,
+                tune=tune,
+                draws=common.NUM_SAMPLES,
+                seed=common.SEED,
+                cores=cores,
+                save_warmup=True,
+                progress_bar=False,
+            )
         stats, wstats = trace.sample_stats, trace.warmup_sample_stats
         n_steps = np.asarray(stats["n_steps"], np.int64)
         n_steps_warm = np.asarray(wstats["n_steps"], np.int64)
@@ -143,20 +158,29 @@ def run_one(target: str, method: str, clock_model_cache: dict) -> None:
             grad_evals_sampling=int(n_steps.sum()),
             divergences_warmup=int(div_warm.sum()),
             divergences_sampling=int(div.sum()),
-            times={"compile": clock.seconds["compile"], "training": None, "warmup": None, "sampling": None,
-                   "warmup_and_sampling": clock.seconds["warmup_and_sampling"],
-                   "total": clock.seconds["compile"] + clock.seconds["warmup_and_sampling"]},
-            counting=("gradients = sum of n_steps over warm-up and kept draws (save_warmup=True); "
-                      "the flow is fitted to those draws' positions and gradients (no extra target "
-                      "gradients); not counted: one gradient per chain per flow update when a chain's "
-                      "point is re-expressed under the new transform" if flow else
-                      "gradients = sum of n_steps over warm-up and kept draws"),
-            notes=[f"nutpie.sample wall time includes JAX compilation{' and flow training' if flow else ''};"
-                   " its phases are not reported apart"],
+            times={
+                "compile": clock.seconds["compile"],
+                "training": None,
+                "warmup": None,
+                "sampling": None,
+                "warmup_and_sampling": clock.seconds["warmup_and_sampling"],
+                "total": clock.seconds["compile"] + clock.seconds["warmup_and_sampling"],
+            },
+            counting=(
+                "gradients = sum of n_steps over warm-up and kept draws (save_warmup=True); "
+                "the flow is fitted to those draws' positions and gradients (no extra target "
+                "gradients); not counted: one gradient per chain per flow update when a chain's "
+                "point is re-expressed under the new transform"
+                if flow
+                else "gradients = sum of n_steps over warm-up and kept draws"
+            ),
+            notes=[
+                f"nutpie.sample wall time includes JAX compilation{' and flow training' if flow else ''};"
+                " its phases are not reported apart"
+            ],
             sample_stats_fields=sorted(stats.data_vars),
         )
-        save_run(target, method, record, to_ours(trace.posterior),
-                 {"diverging": div, "n_steps": n_steps})
+        save_run(target, method, record, to_ours(trace.posterior), {"diverging": div, "n_steps": n_steps})
 
     common.guarded(target, method, base, go)
 
@@ -167,8 +191,9 @@ save_run = common.save_run
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="*", help=f"default: all of {list(common.TARGETS)}")
-    parser.add_argument("--methods", nargs="+", default=["nutpie-flow", "nutpie-nuts"],
-                        choices=["nutpie-flow", "nutpie-nuts"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["nutpie-flow", "nutpie-nuts"], choices=["nutpie-flow", "nutpie-nuts"]
+    )
     args = parser.parse_args()
     import nutpie._lib as lib
 

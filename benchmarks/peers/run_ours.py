@@ -8,14 +8,14 @@ Methods (one ``runs/<target>/<method>.{npz,json}`` each), all with 4 chains,
 1000 warm-up + 1000 kept draws per chain:
 
 ``ours-fit``
-    what ``neutra-flows bench <target>`` runs (``neutra_flows.bench.run_benchmark``,
+    what ``neutra-flows bench <target>`` runs (``neutra_flows.app.bench.run_benchmark``,
     its defaults for the target from ``BENCHMARKS``): ``nf.fit(target,
     nf.make_flow("iaf", d), num_steps=2000, batch_size=256, seed=0)`` (whitening
     stage included), then ``nf.sample(target, fit_result, kernel="hmc", seed=1)``
     (NeuTra-HMC with ChEES and the latent-scale window).
 ``ours-adapt``
-    ``nf.sample(target, flow="adapt", num_chains=4, ..., seed=1)``: the flow
-    trained during warm-up. If this version of neutra_flows does not have it
+    ``nf.sample(target, flow="adapt", kernel=<the bench's kernel>, num_chains=4,
+    ..., seed=1)``: the flow trained on the warm-up draws. If this version of neutra_flows does not have it
     (a TypeError / ValueError about ``flow="adapt"``), the row is recorded as
     skipped, with the error.
 ``ours-nuts``
@@ -79,8 +79,10 @@ def _record_from_idata(base: dict, idata, extra: dict | None = None) -> tuple[di
         divergences_warmup=int(attrs.get("num_divergences_warmup", 0)),
         divergences_sampling=int(div.sum()),
         times=times,
-        counting=("nf.sample's attrs: training = the fit's target gradients (whitening, steps x batch); "
-                  "warm-up and sampling = leapfrog steps of all chains"),
+        counting=(
+            "nf.sample's attrs: training = the fit's target gradients (whitening, steps x batch); "
+            "warm-up and sampling = leapfrog steps of all chains"
+        ),
         attrs={k: v for k, v in attrs.items() if k != "ground_truth"},
     )
     record.update(extra or {})
@@ -90,54 +92,87 @@ def _record_from_idata(base: dict, idata, extra: dict | None = None) -> tuple[di
 
 def run_one(target_key: str, method: str) -> None:
     import neutra_flows as nf
-    from neutra_flows.bench import BENCHMARKS
+
+    try:
+        from neutra_flows.app.bench import BENCHMARKS
+    except ModuleNotFoundError:  # neutra_flows before the app/ layout
+        from neutra_flows.bench import BENCHMARKS
 
     spec = BENCHMARKS[common.TARGETS[target_key]]
     seed = common.SEED
-    common_kw = dict(num_chains=common.NUM_CHAINS, num_warmup=common.NUM_WARMUP,
-                     num_samples=common.NUM_SAMPLES, progress=False)
-    label = {"ours-fit": f"neutra_flows NeuTra-{spec.flow.upper()}-{spec.kernel.upper()} (fit, then sample)",
-             "ours-adapt": 'neutra_flows sample(flow="adapt")',
-             "ours-nuts": "neutra_flows baseline NUTS (TFP, windowed diagonal)"}[method]
-    base = {"label": label, "versions": common.package_versions(
-        ["tensorflow", "tensorflow-probability", "arviz", "numpy"]) | {"neutra_flows": nf.__version__,
-                                                                        "neutra_flows_path": nf.__file__}}
+    common_kw = dict(
+        num_chains=common.NUM_CHAINS,
+        num_warmup=common.NUM_WARMUP,
+        num_samples=common.NUM_SAMPLES,
+        progress=False,
+    )
+    label = {
+        "ours-fit": f"neutra_flows NeuTra-{spec.flow.upper()}-{spec.kernel.upper()} (fit, then sample)",
+        "ours-adapt": 'neutra_flows sample(flow="adapt")',
+        "ours-nuts": "neutra_flows baseline NUTS (TFP, windowed diagonal)",
+    }[method]
+    base = {
+        "label": label,
+        "versions": common.package_versions(["tensorflow", "tensorflow-probability", "arviz", "numpy"])
+        | {"neutra_flows": nf.__version__, "neutra_flows_path": nf.__file__},
+    }
 
     def go():
         target = spec.make_target()
         if method == "ours-fit":
             flow = nf.make_flow(spec.flow, target.event_size, dtype=target.dtype, **dict(spec.flow_options))
-            fit_kw = dict(num_steps=100 if common.QUICK else spec.train_steps, batch_size=spec.batch_size,
-                          seed=seed, progress=False)
+            fit_kw = dict(
+                num_steps=100 if common.QUICK else spec.train_steps,
+                batch_size=spec.batch_size,
+                seed=seed,
+                progress=False,
+            )
             if spec.learning_rate is not None:
                 fit_kw["learning_rate"] = spec.learning_rate
             fit_result = nf.fit(target, flow, **fit_kw)
             idata = nf.sample(target, fit_result, kernel=spec.kernel, seed=seed + 1, **common_kw)
-            settings = {"flow": spec.flow, "flow_options": dict(spec.flow_options), "train_steps": spec.train_steps,
-                        "batch_size": spec.batch_size, "learning_rate": spec.learning_rate,
-                        "kernel": spec.kernel, "fit_seed": seed, "sample_seed": seed + 1}
-            fit_info = {"khat": float(fit_result.khat), "elbo": float(fit_result.elbo),
-                        "num_grad_evals": int(fit_result.num_grad_evals),
-                        "wall_time": float(fit_result.wall_time),
-                        "stop_reason": str(getattr(fit_result, "stop_reason", "")),
-                        "whitening": (fit_result.whitening.method
-                                      if getattr(fit_result, "whitening", None) is not None else "none")}
-            extra = {"settings": settings | {k: common_kw[k] for k in ("num_chains", "num_warmup", "num_samples")},
-                     "fit": fit_info}
+            settings = {
+                "flow": spec.flow,
+                "flow_options": dict(spec.flow_options),
+                "train_steps": spec.train_steps,
+                "batch_size": spec.batch_size,
+                "learning_rate": spec.learning_rate,
+                "kernel": spec.kernel,
+                "fit_seed": seed,
+                "sample_seed": seed + 1,
+            }
+            fit_info = {
+                "khat": float(fit_result.khat),
+                "elbo": float(fit_result.elbo),
+                "num_grad_evals": int(fit_result.num_grad_evals),
+                "wall_time": float(fit_result.wall_time),
+                "stop_reason": str(getattr(fit_result, "stop_reason", "")),
+                "whitening": (
+                    fit_result.whitening.method
+                    if getattr(fit_result, "whitening", None) is not None
+                    else "none"
+                ),
+            }
+            extra = {
+                "settings": settings | {k: common_kw[k] for k in ("num_chains", "num_warmup", "num_samples")},
+                "fit": fit_info,
+            }
         elif method == "ours-adapt":
             try:
-                idata = nf.sample(target, flow="adapt", seed=seed + 1, **common_kw)
+                idata = nf.sample(target, flow="adapt", kernel=spec.kernel, seed=seed + 1, **common_kw)
             except (TypeError, ValueError) as err:
                 text = str(err)
                 if "adapt" in text or "flow" in text:
                     record = dict(base)
-                    record.update(status="skipped",
-                                  reason=f'this neutra_flows has no sample(flow="adapt"): {type(err).__name__}: '
-                                         f"{text.strip()[:400]}")
+                    record.update(
+                        status="skipped",
+                        reason=f'this neutra_flows has no sample(flow="adapt"): {type(err).__name__}: '
+                        f"{text.strip()[:400]}",
+                    )
                     common.save_run(target_key, method, record)
                     return
                 raise
-            extra = {"settings": {"flow": "adapt", "seed": seed + 1} | common_kw}
+            extra = {"settings": {"flow": "adapt", "kernel": spec.kernel, "seed": seed + 1} | common_kw}
         else:
             idata = nf.sample(target, None, kernel="nuts", seed=seed + 2, **common_kw)
             extra = {"settings": {"kernel": "nuts", "seed": seed + 2} | common_kw}

@@ -40,27 +40,45 @@ import common  # noqa: E402
 import numpy as np  # noqa: E402
 
 METHOD_ORDER = ("ours-fit", "ours-adapt", "ours-nuts", "nutpie-flow", "nutpie-nuts", "numpyro-neutra")
-SHORT = {"ours-fit": "ours: fit IAF + NeuTra-HMC", "ours-adapt": 'ours: sample(flow="adapt")',
-         "ours-nuts": "ours: NUTS baseline", "nutpie-flow": "nutpie: flow adaptation",
-         "nutpie-nuts": "nutpie: NUTS (diag)", "numpyro-neutra": "NumPyro: NeuTraReparam IAF"}
+SHORT = {
+    "ours-fit": "ours: fit IAF + NeuTra-HMC",
+    "ours-adapt": 'ours: sample(flow="adapt")',
+    "ours-nuts": "ours: NUTS baseline",
+    "nutpie-flow": "nutpie: flow adaptation",
+    "nutpie-nuts": "nutpie: NUTS (diag)",
+    "numpyro-neutra": "NumPyro: NeuTraReparam IAF",
+}
 RHAT_OK = 1.01
 # Correct = the bench's goals: built-ins 4 MCSE / 10 % (x0 for the funnels), the
 # posteriordb suite (and eight schools against an estimated reference) 5 MCSE / 15 %.
-TOLERANCE = {"funnel-10": (4.0, 0.10), "funnel-100": (4.0, 0.10), "banana": (4.0, 0.10),
-             "eight-schools": (5.0, 0.15), "kidiq": (5.0, 0.15), "earnings": (5.0, 0.15)}
+TOLERANCE = {
+    "funnel-10": (4.0, 0.10),
+    "funnel-100": (4.0, 0.10),
+    "banana": (4.0, 0.10),
+    "eight-schools": (5.0, 0.15),
+    "kidiq": (5.0, 0.15),
+    "earnings": (5.0, 0.15),
+}
 FOCUS = {"funnel-10": {"x": [0]}, "funnel-100": {"x": [0]}}
-FIGURE = (os.path.join(common.OUTPUT_DIR, "peers_ess_per_grad_total.png") if common.QUICK
-          else os.path.join(common.ROOT, "docs", "img", "peers_ess_per_grad_total.png"))
+FIGURE = (
+    os.path.join(common.OUTPUT_DIR, "peers_ess_per_grad_total.png")
+    if common.QUICK
+    else os.path.join(common.ROOT, "docs", "img", "peers_ess_per_grad_total.png")
+)
 
 
 def truth_for(target_key: str):
     """``(mean_dict, std_dict, source)`` or ``(None, None, reason)``."""
-    from neutra_flows.bench import BENCHMARKS
+    try:
+        from neutra_flows.app.bench import BENCHMARKS
+    except ModuleNotFoundError:  # neutra_flows before the app/ layout
+        from neutra_flows.bench import BENCHMARKS
 
     t = BENCHMARKS[common.TARGETS[target_key]].make_target()
     if t.ground_truth_mean is not None:
         source = {"funnel-10": "analytic", "funnel-100": "analytic", "banana": "analytic"}.get(
-            target_key, "posteriordb reference (Stan)")
+            target_key, "posteriordb reference (Stan)"
+        )
         return dict(t.ground_truth_mean), dict(t.ground_truth_std), source
     path = os.path.join(common.RESULTS_DIR, "eight_schools_reference.json")
     if target_key == "eight-schools" and os.path.exists(path):
@@ -76,8 +94,8 @@ def idata_from_run(npz_path: str, record: dict):
     import arviz as az
 
     z = np.load(npz_path)
-    post = {k[len("post__"):]: z[k] for k in z.files if k.startswith("post__")}
-    stats = {k[len("stat__"):]: z[k] for k in z.files if k.startswith("stat__")}
+    post = {k[len("post__") :]: z[k] for k in z.files if k.startswith("post__")}
+    stats = {k[len("stat__") :]: z[k] for k in z.files if k.startswith("stat__")}
     idata = az.from_dict(posterior=post, sample_stats=stats)
     times = record.get("times") or {}
     attrs = {
@@ -117,26 +135,37 @@ def row_for(target_key: str, record: dict, npz_path: str, truth) -> dict:
     idata = idata_from_run(npz_path, record)
     gt = (mean, std) if mean is not None else None
     table = compare({"run": idata}, ground_truth=gt)
-    r = {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
-         for k, v in table.loc["run"].to_dict().items()}
+    r = {
+        k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
+        for k, v in table.loc["run"].to_dict().items()
+    }
     out = {
-        "target": target_key, "method": record["method"], "label": record.get("label", record["method"]),
+        "target": target_key,
+        "method": record["method"],
+        "label": record.get("label", record["method"]),
         "status": "ok",
-        "num_draws": int(r["num_draws"]), "min_ess_bulk": r["min_ess_bulk"], "min_ess_tail": r["min_ess_tail"],
-        "max_rhat": r["max_rhat"], "divergences": int(r["divergences"]),
+        "num_draws": int(r["num_draws"]),
+        "min_ess_bulk": r["min_ess_bulk"],
+        "min_ess_tail": r["min_ess_tail"],
+        "max_rhat": r["max_rhat"],
+        "divergences": int(r["divergences"]),
         "divergences_warmup": record.get("divergences_warmup"),
-        "grad_evals_training": int(r["grad_evals_training"]), "grad_evals_warmup": int(r["grad_evals_warmup"]),
+        "grad_evals_training": int(r["grad_evals_training"]),
+        "grad_evals_warmup": int(r["grad_evals_warmup"]),
         "grad_evals_sampling": int(r["grad_evals"]),
-        "ess_per_grad": r["ess_per_grad"], "ess_per_grad_total": r["ess_per_grad_total"],
+        "ess_per_grad": r["ess_per_grad"],
+        "ess_per_grad_total": r["ess_per_grad_total"],
         "times": record.get("times"),
         "total_time": float(r["total_time"]),
         "cpu_seconds": record.get("cpu_seconds"),
         "ess_per_second": (r["ess_per_second"] if (record.get("times") or {}).get("sampling") else math.nan),
         "ess_per_second_total": r["ess_per_second_total"],
         "truth_source": source,
-        "settings": record.get("settings"), "counting": record.get("counting"), "notes": record.get("notes"),
-        "versions": record.get("versions"), "load_average_at_end": (record.get("machine") or {}).get(
-            "load_average_at_end"),
+        "settings": record.get("settings"),
+        "counting": record.get("counting"),
+        "notes": record.get("notes"),
+        "versions": record.get("versions"),
+        "load_average_at_end": (record.get("machine") or {}).get("load_average_at_end"),
     }
     if gt is not None:
         out["all_coords"] = {k: r.get(k) for k in ("max_abs_error_mcse", "min_std_ratio", "max_std_ratio")}
@@ -180,8 +209,15 @@ def load_rows(targets) -> list[dict]:
         for method in order:
             rec, npz = records[method]
             if rec.get("status", "ok") != "ok" or not os.path.exists(npz):
-                rows.append({"target": target_key, "method": method, "label": rec.get("label", method),
-                             "status": rec.get("status", "missing"), "reason": rec.get("reason", "no draws")})
+                rows.append(
+                    {
+                        "target": target_key,
+                        "method": method,
+                        "label": rec.get("label", method),
+                        "status": rec.get("status", "missing"),
+                        "reason": rec.get("reason", "no draws"),
+                    }
+                )
                 continue
             print(f"{target_key} / {method}", flush=True)
             rows.append(row_for(target_key, rec, npz, truth))
@@ -189,12 +225,20 @@ def load_rows(targets) -> list[dict]:
     for row in rows:
         if row["status"] != "ok":
             continue
-        ref = next((r for r in rows if r["target"] == row["target"] and r["method"] == "ours-fit"
-                    and r["status"] == "ok"), None)
+        ref = next(
+            (
+                r
+                for r in rows
+                if r["target"] == row["target"] and r["method"] == "ours-fit" and r["status"] == "ok"
+            ),
+            None,
+        )
         if ref is None or ref is row:
             row["vs_ours_fit"] = None
             continue
-        value = row["ess_per_grad_total"] / ref["ess_per_grad_total"] if ref["ess_per_grad_total"] > 0 else math.nan
+        value = (
+            row["ess_per_grad_total"] / ref["ess_per_grad_total"] if ref["ess_per_grad_total"] > 0 else math.nan
+        )
         row["vs_ours_fit"] = value
         row["vs_ours_fit_is_ratio"] = bool(row["max_rhat"] < RHAT_OK and ref["max_rhat"] < RHAT_OK)
     return rows
@@ -209,14 +253,18 @@ def _g(x, digits=3):
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| target | method | R-hat | min ESS | div. | gradients: train / warm-up / sampling | "
-            "ESS/grad sampling | ESS/grad whole run | vs ours-fit | ESS/s all-in | seconds (CPU s) | "
-            "bias/MCSE | std ratio | correct |")
+    head = (
+        "| target | method | R-hat | min ESS | div. | gradients: train / warm-up / sampling | "
+        "ESS/grad sampling | ESS/grad whole run | vs ours-fit | ESS/s all-in | seconds (CPU s) | "
+        "bias/MCSE | std ratio | correct |"
+    )
     lines = [head, "|" + "---|" * 14]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['target']} | {SHORT.get(r['method'], r['method'])} | {r['status']}: "
-                         f"{r.get('reason', '')[:160].replace('|', '/')} |" + " |" * 11)
+            lines.append(
+                f"| {r['target']} | {SHORT.get(r['method'], r['method'])} | {r['status']}: "
+                f"{r.get('reason', '')[:160].replace('|', '/')} |" + " |" * 11
+            )
             continue
         conv = r["max_rhat"] < RHAT_OK
         vs = r.get("vs_ours_fit")
@@ -226,16 +274,19 @@ def markdown(rows: list[dict]) -> str:
             vs_txt = "n/a"
         else:
             vs_txt = f"{vs:.3g}x" if r.get("vs_ours_fit_is_ratio") else f"({vs:.3g}x)†"
-        grads = (f"{r['grad_evals_training']:,} / {r['grad_evals_warmup']:,} / {r['grad_evals_sampling']:,}")
-        std = ("n/a" if "min_std_ratio" not in r else f"{_g(r['min_std_ratio'])}-{_g(r['max_std_ratio'])}")
+        grads = f"{r['grad_evals_training']:,} / {r['grad_evals_warmup']:,} / {r['grad_evals_sampling']:,}"
+        std = "n/a" if "min_std_ratio" not in r else f"{_g(r['min_std_ratio'])}-{_g(r['max_std_ratio'])}"
         correct = {True: "yes", False: "no: " + r.get("correct_why_not", ""), None: "n/a (no truth)"}[
-            r.get("correct")]
+            r.get("correct")
+        ]
         lines.append(
-            f"| {r['target']} | {SHORT.get(r['method'], r['method'])} | {r['max_rhat']:.3f}{'' if conv else ' ✗'} | "
+            f"| {r['target']} | {SHORT.get(r['method'], r['method'])} | "
+            f"{r['max_rhat']:.3f}{'' if conv else ' ✗'} | "
             f"{r['min_ess_bulk']:.0f} | {r['divergences']} | {grads} | {_g(r['ess_per_grad'])} | "
             f"{_g(r['ess_per_grad_total'])} | {vs_txt} | {_g(r['ess_per_second_total'])} | "
             f"{r['total_time']:.0f} ({_g(r.get('cpu_seconds'), 3)}) | {_g(r.get('max_abs_error_mcse'), 2)} | "
-            f"{std} | {correct} |")
+            f"{std} | {correct} |"
+        )
     return "\n".join(lines)
 
 
@@ -249,8 +300,9 @@ def figure(rows: list[dict], path: str) -> None:
     ok = [r for r in rows if r["status"] == "ok" and r["ess_per_grad_total"] > 0]
     targets = [t for t in common.TARGETS if any(r["target"] == t for r in ok)]
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in ok)]
-    colors = dict(zip(METHOD_ORDER, ["#1f77b4", "#6baed6", "#9ecae1", "#d62728", "#ff9896", "#2ca02c"],
-                      strict=True))
+    colors = dict(
+        zip(METHOD_ORDER, ["#1f77b4", "#6baed6", "#9ecae1", "#d62728", "#ff9896", "#2ca02c"], strict=True)
+    )
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(9.0, 2.0 + 1.5 * len(targets)), 5.0))
     for j, m in enumerate(methods):
@@ -259,17 +311,26 @@ def figure(rows: list[dict], path: str) -> None:
             if r is None:
                 continue
             conv = r["max_rhat"] < RHAT_OK
-            ax.bar(i + (j - (len(methods) - 1) / 2) * width, r["ess_per_grad_total"], width,
-                   color=colors[m], hatch=None if conv else "///", edgecolor="k" if not conv else colors[m],
-                   linewidth=0.5)
+            ax.bar(
+                i + (j - (len(methods) - 1) / 2) * width,
+                r["ess_per_grad_total"],
+                width,
+                color=colors[m],
+                hatch=None if conv else "///",
+                edgecolor="k" if not conv else colors[m],
+                linewidth=0.5,
+            )
     ax.set_yscale("log")
     ax.set_xticks(range(len(targets)), targets)
     ax.set_ylabel("min bulk ESS / all gradients\n(training + warm-up + sampling)")
     ax.set_title("ESS per gradient over the whole run (4 chains, one run each, same machine)", fontsize=10)
     handles = [Patch(color=colors[m], label=SHORT[m]) for m in methods]
-    handles.append(Patch(facecolor="white", edgecolor="k", hatch="///", label=f"R-hat >= {RHAT_OK} (not converged)"))
-    ax.legend(handles=handles, fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08),
-              frameon=False)
+    handles.append(
+        Patch(facecolor="white", edgecolor="k", hatch="///", label=f"R-hat >= {RHAT_OK} (not converged)")
+    )
+    ax.legend(
+        handles=handles, fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False
+    )
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -295,14 +356,26 @@ def main() -> None:
         "sampling). CPU s: the process's CPU seconds (all threads), less sensitive to the other jobs "
         "sharing the machine.\n"
         "bias/MCSE and std ratio: on x0 for the funnels (all coordinates in peers.json); eight schools "
-        "against an estimated reference (see peers.json truth_source).\n")
+        "against an estimated reference (see peers.json truth_source).\n"
+    )
     with open(os.path.join(common.OUTPUT_DIR, "peers.md"), "w") as fh:
         fh.write(md + notes)
     with open(os.path.join(common.OUTPUT_DIR, "peers.json"), "w") as fh:
-        json.dump(common._json_safe({"protocol": {"num_chains": common.NUM_CHAINS,
-                                                  "num_warmup": common.NUM_WARMUP,
-                                                  "num_samples": common.NUM_SAMPLES, "seed": common.SEED},
-                                     "rows": rows}), fh, indent=2)
+        json.dump(
+            common._json_safe(
+                {
+                    "protocol": {
+                        "num_chains": common.NUM_CHAINS,
+                        "num_warmup": common.NUM_WARMUP,
+                        "num_samples": common.NUM_SAMPLES,
+                        "seed": common.SEED,
+                    },
+                    "rows": rows,
+                }
+            ),
+            fh,
+            indent=2,
+        )
     figure(rows, args.figure)
     print(md + notes)
     print(f"wrote {common.OUTPUT_DIR}/peers.md, peers.json and {args.figure}")
