@@ -1,6 +1,6 @@
 """A reference posterior for centred eight schools, which has no ground truth in neutra_flows.
 
-``neutra_flows.targets.eight_schools()`` has ``ground_truth_mean = None``. The
+``neutra_flows.models.eight_schools()`` has ``ground_truth_mean = None``. The
 posterior of ``mu``, ``tau``, ``theta`` does not depend on the parameterisation,
 so a long run of the *non-centred* model (``theta = mu + tau * eta``, the easy
 geometry) estimates it: nutpie's plain NUTS, 8 chains x 25 000 draws, seed 12345
