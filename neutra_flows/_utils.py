@@ -76,3 +76,17 @@ def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     if int(value) < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return int(value)
+
+
+def stan_regularised(estimate: np.ndarray, n: int) -> np.ndarray:
+    """Stan's regularisation of a windowed mass-matrix estimate from ``n`` draws.
+
+    ``n / (n + 5) * estimate + 1e-3 * 5 / (n + 5)`` times the identity: a variance
+    vector ``[d]`` or a covariance ``[d, d]``, pulled towards ``1e-3 I`` when
+    the window is short.
+    """
+    estimate = np.asarray(estimate)
+    floor = 1e-3 * (5.0 / (n + 5.0))
+    if estimate.ndim == 2:
+        return (n / (n + 5.0)) * estimate + floor * np.eye(estimate.shape[0])
+    return (n / (n + 5.0)) * estimate + floor

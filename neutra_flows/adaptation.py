@@ -65,8 +65,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from neutra_flows._training import guarded_step, make_optimizer
-from neutra_flows._utils import as_seed
+from neutra_flows._training import all_finite, guarded_step, make_optimizer, restore, snapshot
+from neutra_flows._utils import as_seed, check_positive_int, stan_regularised
 from neutra_flows.flows import make_flow
 from neutra_flows.whitening import GaussianFit, set_whitening, whiten_flow, whitening_layer
 
@@ -155,15 +155,12 @@ class FlowAdaptation:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.flow not in FAST_INVERSE_FLOWS:
             raise ValueError(f"flow must be one of {FAST_INVERSE_FLOWS} (a fast inverse), got {self.flow!r}")
-        if isinstance(self.tail_points, bool) or not isinstance(self.tail_points, (int, np.integer)) \
-                or not 0 <= self.tail_points < self.max_points:
+        for name in ("num_refits", "train_steps", "batch_size", "max_points", "min_warmup", "fit_steps"):
+            check_positive_int(getattr(self, name), name)
+        if check_positive_int(self.tail_points, "tail_points", minimum=0) >= self.max_points:
             raise ValueError(f"tail_points must be an int in [0, max_points), got {self.tail_points!r}")
         if not (math.isfinite(self.tail_scale) and self.tail_scale > 0):
             raise ValueError(f"tail_scale must be positive, got {self.tail_scale}")
-        for name in ("num_refits", "train_steps", "batch_size", "max_points", "min_warmup", "fit_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not 0.0 < self.first_refit <= self.last_refit < 1.0:
             raise ValueError("need 0 < first_refit <= last_refit < 1 (fractions of the warm-up), got "
                              f"{self.first_refit} and {self.last_refit}")
@@ -268,10 +265,9 @@ class FlowAdapter:
         first = not self.refits and self._moments_at_first_refit
         refit, previous = self._trainer.refit(step, x, g, seed, from_moments=first, groups=groups)
         if refit.accepted:
-            fresh = kernel.refresh(results, state)
-            if _finite_start(fresh):
-                results = fresh
-            else:
+            try:
+                results = kernel.refresh(results, state)
+            except ValueError:
                 self._trainer.restore(previous)
                 refit.accepted = False
                 refit.note = ("the refitted flow cannot pull every chain back to a finite point: "
@@ -289,15 +285,15 @@ class FlowAdapter:
         takes whole blocks of ``_SPLIT_BLOCK`` warm-up steps: a random split
         would hold out near-copies of training points and pass an overfitted flow.
         """
+        points = np.concatenate(self._points) if self._points else np.zeros([0, self.target.event_size])
         done = sum(len(p) for p in self._gradients)
-        new = np.concatenate(self._points)[done:] if self._points else np.zeros([0, self.target.event_size])
-        if len(new):
-            self._gradients.append(self._trainer.gradients(new))
-            self.num_grad_evals += len(new)
+        if len(points) > done:
+            self._gradients.append(self._trainer.gradients(points[done:]))
+            self.num_grad_evals += len(points) - done
         keep = self.config.max_points - self.config.tail_points
-        x = np.concatenate(self._points)[-keep:]
+        x = points[-keep:]
         g = np.concatenate(self._gradients)[-keep:]
-        position = np.arange(done + len(new))[-keep:]
+        position = np.arange(len(points))[-keep:]
         groups = position // (self.num_chains * _SPLIT_BLOCK)
         if self.config.tail_points:
             u = tf.random.stateless_normal([self.config.tail_points, int(self.target.event_size)], seed,
@@ -326,14 +322,6 @@ def _check_fast_inverse(flow: Any) -> None:
             f"{name or type(flow).__name__!r} has none that is fast. Use one of {FAST_INVERSE_FLOWS} "
             "(make_flow('realnvp', d)), or sample with it without adaptation"
         )
-
-
-def _finite_start(results: Any) -> bool:
-    from tensorflow_probability.python.internal import unnest
-
-    lp = unnest.get_innermost(results, "target_log_prob")
-    grads = tf.nest.flatten(unnest.get_innermost(results, "grads_target_log_prob"))
-    return bool(np.all(np.isfinite(lp.numpy()))) and all(np.all(np.isfinite(g.numpy())) for g in grads)
 
 
 @dataclass
@@ -467,7 +455,7 @@ class _FlowTrainer:
 
         Returns the refit's record and the weights before it (to restore).
         """
-        previous = [tf.identity(v) for v in self.variables]
+        previous = snapshot(self.variables)
         finite = np.all(np.isfinite(x), axis=1) & np.all(np.isfinite(g), axis=1)
         groups = np.arange(len(x)) if groups is None else np.asarray(groups)
         x, g, groups = x[finite], g[finite], groups[finite]
@@ -487,26 +475,26 @@ class _FlowTrainer:
             record.note = "no better than the current flow on the held-out draws: kept the previous flow"
         else:
             record.accepted = True
-            _assign(self.variables, best_weights)
+            restore(self.variables, best_weights)
             return record, previous
-        _assign(self.variables, previous)
+        restore(self.variables, previous)
         return record, previous
 
     def _train_with_checks(self, seed: tf.Tensor) -> tuple[float, list[tf.Tensor]]:
         """Adam from a fresh optimiser state; the weights of the best held-out check."""
         for v in self.optimizer.variables:
             v.assign(tf.zeros_like(v))
-        best, best_weights, stale = float(self._held_out_loss()), [tf.identity(v) for v in self.variables], 0
+        best, best_weights, stale = float(self._held_out_loss()), snapshot(self.variables), 0
         if not math.isfinite(best):
             best = math.inf
         for i in range(0, self.config.train_steps, self.check_every):
             count = min(self.check_every, self.config.train_steps - i)
             self._train(tf.random.experimental.stateless_fold_in(seed, i), tf.constant(count))
             loss = float(self._held_out_loss())
-            if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.variables):
+            if not all_finite(self.variables):
                 break
             if math.isfinite(loss) and loss < best:
-                best, best_weights, stale = loss, [tf.identity(v) for v in self.variables], 0
+                best, best_weights, stale = loss, snapshot(self.variables), 0
             else:
                 stale += 1
                 if stale >= self.patience:
@@ -514,12 +502,7 @@ class _FlowTrainer:
         return (best if math.isfinite(best) else math.nan), best_weights
 
     def restore(self, weights: list[tf.Tensor]) -> None:
-        _assign(self.variables, weights)
-
-
-def _assign(variables: list[tf.Variable], values: list[tf.Tensor]) -> None:
-    for v, value in zip(variables, values, strict=True):
-        v.assign(value)
+        restore(self.variables, weights)
 
 
 def _whiten_from_draws(flow: Any, x: np.ndarray) -> None:
@@ -531,11 +514,9 @@ def _whiten_from_draws(flow: Any, x: np.ndarray) -> None:
     x = np.asarray(x, np.float64)
     full = hasattr(layer, "tril_params")
     # Stan's regularisation of a windowed mass-matrix estimate, towards 1e-3 I.
-    shrink = n / (n + 5.0)
     if full:
-        cov = shrink * np.cov(x, rowvar=False).reshape(d, d) + 1e-3 * (5.0 / (n + 5.0)) * np.eye(d)
-        tril = np.linalg.cholesky(cov)
+        tril = np.linalg.cholesky(stan_regularised(np.cov(x, rowvar=False).reshape(d, d), n))
     else:
-        tril = np.diag(np.sqrt(shrink * x.var(axis=0) + 1e-3 * (5.0 / (n + 5.0))))
+        tril = np.diag(np.sqrt(stan_regularised(x.var(axis=0), n)))
     set_whitening(layer, GaussianFit(loc=x.mean(axis=0), scale_tril=tril, method="draws", elbo=math.nan,
                                      elbo_se=math.nan, map_found=False, num_grad_evals=0))

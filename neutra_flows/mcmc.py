@@ -93,7 +93,7 @@ from tensorflow_probability.python.experimental.mcmc import (
 )
 from tensorflow_probability.python.internal import unnest
 
-from neutra_flows._utils import as_seed, check_positive_int, split_seed
+from neutra_flows._utils import as_seed, check_positive_int, split_seed, stan_regularised
 from neutra_flows.adaptation import FlowAdaptation, FlowAdapter
 
 tfb = tfp.bijectors
@@ -392,10 +392,16 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
         The points are pulled back through the new flow (``flow.inverse``), the
         target and its gradient re-evaluated there; the step-size and ChEES
         adaptation keep their state.
+
+        Raises:
+          ValueError: the new flow's pulled-back density or its gradient is not
+            finite at some chain's point (the caller keeps the old flow).
         """
         # A new tensor: the bijector cache must not hand back the old flow's pull-back.
         state = tf.identity(tf.convert_to_tensor(state, self.target.dtype))
-        return self._rebootstrap(results, init_state=state)
+        fresh = self._rebootstrap(results, init_state=state)
+        _check_sampler_start(fresh)
+        return fresh
 
     def _rebootstrap(self, results: Any, ratio: Any = None, init_state: Any = None) -> Any:
         """Results for the same ``z`` after the latent scale was divided by ``ratio``
@@ -1382,7 +1388,7 @@ def _latent_scale_from(window: list[np.ndarray], scale: tf.Variable) -> np.ndarr
     """Stan's regularised variance of the latent draws ``u = s * v`` in the window."""
     u = np.concatenate(window).reshape(-1, scale.shape[0]) * scale.numpy()
     n = u.shape[0]
-    var = (n / (n + 5.0)) * u.var(axis=0) + 1e-3 * (5.0 / (n + 5.0))
+    var = stan_regularised(u.var(axis=0), n)
     return np.sqrt(var)
 
 
