@@ -9,7 +9,7 @@ flow on the warm-up draws"):
 
 The second argument is a JSON dict of :class:`neutra_flows.FlowAdaptation`
 settings; ``--kernel`` (default hmc), ``--seed`` (default 1) and
-``--target-accept`` (default 0.8) are the sampler's.
+``--target-accept`` (default 0.8) and ``--chains`` (default 4) are the sampler's.
 """
 
 import argparse
@@ -23,6 +23,7 @@ TARGETS = {
     "funnel": lambda: nf.models.neals_funnel(10),
     "funnel-100": lambda: nf.models.neals_funnel(100),
     "eight-schools": lambda: nf.models.eight_schools(),
+    "german-credit": lambda: nf.models.german_credit_sparse_logistic_regression(),
 }
 
 
@@ -32,13 +33,14 @@ def main() -> None:
     parser.add_argument("settings", nargs="?", default="{}", help="FlowAdaptation settings as JSON")
     parser.add_argument("--kernel", default="hmc", choices=["hmc", "nuts"])
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--target-accept", type=float, default=0.8)
     args = parser.parse_args()
     target = TARGETS[args.target]()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         idata = nf.sample(target, "adapt", adapt_flow=nf.FlowAdaptation(**json.loads(args.settings)),
-                          kernel=args.kernel, seed=args.seed, progress=False,
+                          kernel=args.kernel, seed=args.seed, progress=False, num_chains=args.chains,
                           target_accept_prob=args.target_accept)
     attrs = idata.posterior.attrs
     print("start:", attrs["flow_adaptation_start"])

@@ -7,7 +7,14 @@ import pytest
 import tensorflow as tf
 
 import neutra_flows as nf
-from neutra_flows.adaptation import FlowAdaptation, FlowAdapter, _FlowTrainer
+from neutra_flows.adaptation import (
+    _FIT_DIAGNOSTIC_DRAWS,
+    FlowAdaptation,
+    FlowAdapter,
+    _FlowTrainer,
+    default_fit_batch_size,
+    default_tail_scale,
+)
 from neutra_flows.targets import Target
 
 
@@ -29,6 +36,7 @@ def _gaussian(mean, std, dtype=tf.float64):
     (dict(validation_fraction=0.9), "validation_fraction"),
     (dict(tail_points=5000), "tail_points"),
     (dict(start="vi"), "start"),
+    (dict(fit_batch_size=0), "fit_batch_size"),
 ])
 def test_bad_settings_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -145,6 +153,27 @@ def test_adapter_observes_only_the_window_draws():
     assert len(adapter._points) == 1
 
 
+@pytest.mark.parametrize("d, scale", [(2, 2.0), (100, 1.3)])
+def test_tail_points_reach_a_fixed_distance_beyond_the_typical_radius(d, scale):
+    # Before the first refit the identity start's flow is the identity, so the tail
+    # points are s u: about 3 units beyond sqrt(d) in every dimension, s <= 2.
+    target = _gaussian([0.0] * d, [1.0] * d)
+    adapter = FlowAdapter(target, None, config=FlowAdaptation(flow="affine_diag", start="identity"),
+                          num_warmup=400, num_chains=2, seed=0)
+    adapter.observe(30, 10, {"z": tf.zeros([10, 2, d], tf.float64)})
+    x, g, groups = adapter._data(tf.constant([1, 2]))
+    tail = x[-512:]
+    assert np.isclose(default_tail_scale(d), scale)
+    np.testing.assert_allclose(tail.std(), scale, rtol=0.05)
+    # Each tail point's gradient is the target's there (N(0, I): -x), and counted.
+    np.testing.assert_allclose(g[-512:], -tail, rtol=1e-6)
+    assert adapter.num_grad_evals == 20 + 512 and len(np.unique(groups[-512:])) == 512
+
+
+def test_short_fit_batch_grows_with_the_dimension():
+    assert [default_fit_batch_size(d) for d in (2, 10, 11, 51, 100, 1000)] == [32, 32, 64, 192, 256, 256]
+
+
 def test_bench_adapt_mode_skips_vi_and_writes_its_outputs(tmp_path):
     from neutra_flows.app.bench import run_benchmark
 
@@ -175,12 +204,13 @@ def test_the_held_out_split_takes_whole_blocks_of_steps():
 
 def test_auto_start_fits_briefly_where_the_posterior_has_no_mode():
     # No Gaussian fits the funnel better than the identity, which fails PSIS: the auto
-    # start then runs fit_steps of VI, all of whose gradients count.
+    # start then runs fit_steps of VI, all of whose gradients count: the whitening stage,
+    # fit_steps x fit_batch_size, and the fit's few diagnostic draws.
     funnel = nf.models.neals_funnel(3, dtype=tf.float64)
-    adapter = FlowAdapter(funnel, None, config=FlowAdaptation(fit_steps=20), num_warmup=400, num_chains=2,
-                          seed=0)
-    assert adapter.whitening.method.startswith("identity") and "VI fit" in adapter.start
-    assert adapter.num_grad_evals >= adapter.whitening.num_grad_evals + 20 * 256
+    config = FlowAdaptation(fit_steps=20, fit_batch_size=8)
+    adapter = FlowAdapter(funnel, None, config=config, num_warmup=400, num_chains=2, seed=0)
+    assert adapter.whitening.method.startswith("identity") and "20-step VI fit" in adapter.start
+    assert adapter.num_grad_evals == adapter.whitening.num_grad_evals + 20 * 8 + _FIT_DIAGNOSTIC_DRAWS
     # A Gaussian has a mode: the whitening stage alone.
     gaussian = _gaussian([1.0, 2.0], [3.0, 0.5])
     adapter = FlowAdapter(gaussian, None, config=FlowAdaptation(), num_warmup=400, num_chains=2, seed=0)
