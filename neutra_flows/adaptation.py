@@ -10,9 +10,10 @@ anyway, as nutpie's normalizing-flow adaptation does (Seyboldt et al.):
   fits), or from the identity, and the warm-up runs NeuTra with it;
 * at a few window ends (by default at 15 %, 30 %, 45 % and 60 % of the warm-up)
   the chains' points ``x`` gathered so far, with a few points of the current
-  flow's widened tails (``x = f(s u)``, ``s`` about 2: the draws alone leave the tails
-  unconstrained), and the target's gradients there ``g = grad log p(x)``, are
-  split at random into training and held-out parts;
+  flow's widened tails (``x = f(s u)``, ``s`` 2 in a few dimensions and less in
+  many: the draws alone leave the tails unconstrained), and the target's
+  gradients there ``g = grad log p(x)``, are split at random into training and
+  held-out parts;
 * the flow is refitted from its current weights (from the identity start, the
   first refit sets its whitening layer from the draws' moments) by minimising
   the **Fisher divergence** in latent space, ``E || grad_u log p~(u) + u ||^2``
@@ -105,7 +106,7 @@ class FlowAdaptation:
         Gaussian beat the identity there (no MAP with a positive-definite
         Hessian, Laplace and ADVI worse) and the identity fails PSIS (k-hat >=
         0.5): on funnels the draws never reach the neck early enough
-        to learn it, and 2-4 % of the kept transitions diverged, against 0.1-0.5 %
+        to learn it, and 2-4 % of the kept transitions diverged, against 0-0.6 %
         after a short fit. ``"whitening"`` sets its whitening layer first from
         :func:`neutra_flows.whitening.fit_gaussian` (MAP, Laplace, deterministic
         ADVI; the identity where none fits, as on funnels), whose gradients are
@@ -333,9 +334,10 @@ def default_fit_batch_size(event_size: int) -> int:
     """The short fit's batch: 32 per 10 dimensions, at most 256.
 
     The reverse-KL gradient's variance grows with the dimension. At d = 10
-    (funnel, eight schools) 1000 steps of 32 cost a quarter of 500 steps of 256
-    and sampled nearly as well (seeds 1-4: 0.14-0.24 ESS per gradient against
-    0.19-0.22, one seed); on the 100-D funnel 1000 x 32 and 2000 x 64 left the
+    (funnel, eight schools) 1000 steps of 32 cost a quarter of 500 steps of 256.
+    Sampling ESS per gradient, seeds 1-4 against one seed of 500 x 256: funnel
+    0.14-0.21 against 0.22; eight schools 0.19-0.26, but 0.085 and 0.067 at
+    seeds 3 and 4, against 0.19. On the 100-D funnel 1000 x 32 and 2000 x 64 left the
     neck unexplored (87 and 110 divergences, R-hat 1.025 and 1.013).
     """
     return int(min(256, 32 * math.ceil(event_size / 10)))
