@@ -24,6 +24,9 @@ TARGETS = {
     "funnel-100": lambda: nf.models.neals_funnel(100),
     "eight-schools": lambda: nf.models.eight_schools(),
     "german-credit": lambda: nf.models.german_credit_sparse_logistic_regression(),
+    # The two posteriordb regressions of the peers benchmark.
+    "kidiq": lambda: nf.models.load_posteriordb("kidiq-kidscore_interaction"),
+    "earnings": lambda: nf.models.load_posteriordb("earnings-logearn_interaction"),
 }
 
 

@@ -32,11 +32,17 @@ with a non-finite loss or gradient is skipped) but not its rollback loop: a
 refit that goes wrong is rejected whole and the previous flow kept, which is
 always a valid preconditioner.
 
-The training costs no extra transitions, only the gradients at the gathered
-points (one per point, counted in ``num_grad_evals_training``) and some
-computation on the flow. Both losses need ``f^{-1}``, so the flow must have a
-fast inverse (RealNVP, spline coupling, MAF, the affine and LU flows); the
-default is RealNVP, which is fast in both directions.
+The training costs no extra transitions and no target evaluation at the
+draws: the sampler has already computed the gradient of the pulled-back
+density at every draw, and ``grad log p(x) = J(u)^{-T} (grad_u log p~(u) -
+grad_u log|det J(u)|)`` recovers the target's through the flow the draw was
+made with (one vector-Jacobian product of ``f^{-1}``), as nutpie reuses its
+sampler's gradients. What is counted in ``num_grad_evals_training`` is the
+start (the whitening stage, lean here: DADVI only where the Laplace fit fails
+PSIS, 256 draws per candidate's ELBO; or the short fit) and the tail points.
+Both losses need ``f^{-1}``, so the flow must have a fast inverse (RealNVP,
+spline coupling, MAF, the affine and LU flows); the default is RealNVP, which
+is fast in both directions.
 
 Use it through :func:`neutra_flows.sample`: ``sample(target, "adapt", seed=0)``
 or, to refine a flow from :func:`neutra_flows.fit`, ``sample(target, result,
@@ -91,6 +97,10 @@ _GOOD_KHAT = 0.5
 _FIT_DIAGNOSTIC_DRAWS = 256
 # Warm-up steps per block of the held-out split.
 _SPLIT_BLOCK = 10
+# The whitening stage only has to start the chains in the typical set; the refits
+# do the rest. fit's full stage (DADVI from two starts, 2048 ELBO draws per
+# candidate) was 70-90 % of the adaptation's gradients on the regressions.
+_LEAN_WHITENING = {"num_elbo_draws": 256, "dadvi": "when_needed"}
 
 
 @dataclass(frozen=True)
@@ -108,9 +118,10 @@ class FlowAdaptation:
         0.5): on funnels the draws never reach the neck early enough
         to learn it, and 2-4 % of the kept transitions diverged, against 0-0.6 %
         after a short fit. ``"whitening"`` sets its whitening layer first from
-        :func:`neutra_flows.whitening.fit_gaussian` (MAP, Laplace, deterministic
-        ADVI; the identity where none fits, as on funnels), whose gradients are
-        counted; ``"fit"`` runs a short :func:`neutra_flows.fit` (whitening,
+        :func:`neutra_flows.whitening.fit_gaussian` (MAP, Laplace, and
+        deterministic ADVI only where the Laplace fit fails PSIS; 256 draws per
+        candidate's ELBO; the identity where none fits, as on funnels), whose
+        gradients are counted; ``"fit"`` runs a short :func:`neutra_flows.fit` (whitening,
         then ``fit_steps`` reverse-KL steps of ``fit_batch_size``; all its gradients are
         counted) and refines that flow on the draws; ``"identity"`` starts from
         the identity and sets the whitening layer from the draws' mean and
@@ -236,7 +247,7 @@ class FlowAdapter:
         # The first refit starts the whitening layer from the draws only when nothing set it.
         self._moments_at_first_refit = fresh and config.start == "identity"
         if fresh and config.start in ("auto", "whitening"):
-            self.whitening = whiten_flow(target, self.flow, seed=seed)
+            self.whitening = whiten_flow(target, self.flow, seed=seed, **_LEAN_WHITENING)
             self.num_grad_evals += 0 if self.whitening is None else self.whitening.num_grad_evals
         # No Gaussian beat the identity (no MAP, or Laplace and ADVI both worse) and
         # the identity itself fails PSIS: a funnel-like posterior.
@@ -246,7 +257,8 @@ class FlowAdapter:
             self._short_fit(target, seed, whiten=config.start == "fit")
         self.wall_time = 0.0
         self._points: list[np.ndarray] = []
-        self._gradients: list[np.ndarray] = []
+        # Per observed chunk; None where its gradients are still to be computed.
+        self._gradients: list[np.ndarray | None] = []
         self._seed = as_seed(seed)
         self._tail_scale = config.tail_scale or default_tail_scale(int(target.event_size))
         # Like fit, the whitening stage's Gaussian stays fixed: Adam steps sized for
@@ -267,12 +279,28 @@ class FlowAdapter:
         self.start = f"a {result.num_steps}-step VI fit"
 
     def observe(self, done: int, n: int, buffers: dict) -> None:
-        """Keeps the chains' points of warm-up steps ``done ... done + n - 1`` from ``first_step`` on."""
+        """Keeps the chains' points of warm-up steps ``done ... done + n - 1`` from ``first_step`` on,
+        with the target's gradients there.
+
+        The sampler has already computed the gradient of the pulled-back density
+        at each point (``buffers["latent_grad"]``); it is turned into the target's
+        gradient through the flow the chunk ran with, so the draws cost no target
+        evaluation, as in nutpie. Buffers without it (another kernel) leave the
+        gradients to be computed, and counted, at the next refit.
+        """
         if done + n <= self.first_step or done >= self.last_boundary:
             return
         skip = max(0, self.first_step - done)
-        z = buffers["z"].numpy()[skip:n]
-        self._points.append(z.reshape(-1, z.shape[-1]))
+        d = int(self.target.event_size)
+        z = buffers["z"].numpy()[skip:n].reshape(-1, d)
+        self._points.append(z)
+        if "latent_grad" in buffers and "v" in buffers:
+            # The latent scale is 1 until the last refit (sample's schedule), so v is u.
+            u = buffers["v"].numpy()[skip:n].reshape(-1, d)
+            latent_grad = buffers["latent_grad"].numpy()[skip:n].reshape(-1, d)
+            self._gradients.append(self._trainer.gradients_from_latent(u, latent_grad))
+        else:
+            self._gradients.append(None)
 
     def act(self, step: int, state: Any, results: Any, kernel: Any, rescale: Any) -> Any:
         """Refits the flow at warm-up step ``step``; returns the kernel results for ``state``."""
@@ -297,19 +325,21 @@ class FlowAdapter:
         """The most recent draws and the tail points, the target's gradients there, and
         their groups for the held-out split.
 
-        A draw's gradient is computed once, when it is first used. Successive
+        A draw's gradient is the sampler's, or where the buffers had none it is
+        computed (and counted) once, when it is first used. Successive
         draws of a chain are nearly copies of each other, so the held-out split
         takes whole blocks of ``_SPLIT_BLOCK`` warm-up steps: a random split
         would hold out near-copies of training points and pass an overfitted flow.
         """
-        points = np.concatenate(self._points) if self._points else np.zeros([0, self.target.event_size])
-        done = sum(len(p) for p in self._gradients)
-        if len(points) > done:
-            self._gradients.append(self._trainer.gradients(points[done:]))
-            self.num_grad_evals += len(points) - done
+        d = int(self.target.event_size)
+        for i, (p, g) in enumerate(zip(self._points, self._gradients, strict=True)):
+            if g is None:
+                self._gradients[i] = self._trainer.gradients(p)
+                self.num_grad_evals += len(p)
+        points = np.concatenate(self._points) if self._points else np.zeros([0, d])
         keep = self.config.max_points - self.config.tail_points
         x = points[-keep:]
-        g = np.concatenate(self._gradients)[-keep:]
+        g = np.concatenate(self._gradients)[-keep:] if self._gradients else np.zeros([0, d])
         position = np.arange(len(points))[-keep:]
         groups = position // (self.num_chains * _SPLIT_BLOCK)
         if self.config.tail_points:
@@ -408,6 +438,8 @@ class _FlowTrainer:
         self._train = tf.function(self._train_chunk, jit_compile=True, autograph=False)
         self._held_out_loss = tf.function(self._masked_loss, jit_compile=True, autograph=False)
         self._grad = tf.function(self._target_gradient, jit_compile=True, autograph=False)
+        self._grad_from_latent = tf.function(self._target_gradient_from_latent, jit_compile=True,
+                                             autograph=False)
 
     # -- the losses, per point -------------------------------------------------
 
@@ -456,16 +488,43 @@ class _FlowTrainer:
             lp = self.target.unnormalized_log_prob(x)
         return tape.gradient(lp, x)
 
+    def _target_gradient_from_latent(self, u: tf.Tensor, latent_grad: tf.Tensor) -> tf.Tensor:
+        # latent_grad = J(u)^T g + grad_u log|det J(u)| with g = grad log p(f(u)), so
+        # g = J(u)^{-T} (latent_grad - grad_u log|det J(u)|): the vector-Jacobian
+        # product of f^{-1} at x = f(u), since J_{f^{-1}}(x) = J(u)^{-1}.
+        with tf.GradientTape() as tape:
+            tape.watch(u)
+            x = self.flow.forward(u)
+            log_det = tf.reduce_sum(self.flow.forward_log_det_jacobian(u, event_ndims=1))
+        # An affine flow's log-det does not depend on u.
+        a = latent_grad - tape.gradient(log_det, u, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        # A new tensor, so the bijector cache cannot hand back u for f^{-1}(x).
+        x = tf.identity(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            pulled = tf.reduce_sum(a * self.flow.inverse(x))
+        return tape.gradient(pulled, x)
+
     # -- one refit ------------------------------------------------------------------
 
     def gradients(self, x: np.ndarray) -> np.ndarray:
-        """``grad log p`` at ``x`` ``[n, d]``, in padded blocks of one compiled shape."""
+        """``grad log p`` at ``x`` ``[n, d]`` (``n`` target evaluations)."""
+        return self._blocks(self._grad, x)
+
+    def gradients_from_latent(self, u: np.ndarray, latent_grad: np.ndarray) -> np.ndarray:
+        """``grad log p`` at ``x = f(u)`` from the pulled-back density's gradient at ``u``
+        (no target evaluation)."""
+        return self._blocks(self._grad_from_latent, u, latent_grad)
+
+    def _blocks(self, fn: Any, *arrays: np.ndarray) -> np.ndarray:
+        """``fn`` over rows of ``arrays``, in padded blocks of one compiled shape."""
         out = []
-        for lo in range(0, len(x), _GRADIENT_BLOCK):
-            block = x[lo:lo + _GRADIENT_BLOCK]
-            padded = np.concatenate([block, np.repeat(block[-1:], _GRADIENT_BLOCK - len(block), 0)])
-            out.append(self._grad(tf.constant(padded, self.dtype)).numpy()[: len(block)])
-        return np.concatenate(out)
+        for lo in range(0, len(arrays[0]), _GRADIENT_BLOCK):
+            blocks = [a[lo:lo + _GRADIENT_BLOCK] for a in arrays]
+            padded = [tf.constant(np.concatenate([b, np.repeat(b[-1:], _GRADIENT_BLOCK - len(b), 0)]),
+                                  self.dtype) for b in blocks]
+            out.append(fn(*padded).numpy()[: len(blocks[0])])
+        return np.concatenate(out) if out else np.zeros([0, self.d])
 
     def _load(self, x: np.ndarray, g: np.ndarray, groups: np.ndarray, seed: tf.Tensor) -> tuple[int, int]:
         """A seeded split of whole groups into the training and held-out buffers (zero-padded)."""

@@ -634,6 +634,15 @@ def _latent_state(results):
     return unnest.get_innermost(results, "transformed_state", default=None)
 
 
+def _latent_gradient(results):
+    """The gradient of NeuTra's pulled-back log density at the chains' latent state
+    ``v``, which the sampler has already computed (the flow adaptation turns it into
+    the target's gradient at no extra evaluation); None for the baseline."""
+    if _latent_state(results) is None:
+        return None
+    return tf.nest.flatten(unnest.get_innermost(results, "grads_target_log_prob"))[0]
+
+
 def _make_advance(kernel, buffer_size: int, jit_compile: bool, shard: tuple[int, int] | None = None):
     """One compiled function `advance(state, results, seed, n, thin)` running `n` transitions.
 
@@ -665,6 +674,7 @@ def _make_advance(kernel, buffer_size: int, jit_compile: bool, shard: tuple[int,
         )
         if _latent_state(results) is not None:
             buffers["v"] = tf.zeros([buffer_size] + state.shape.as_list(), state.dtype)
+            buffers["latent_grad"] = tf.zeros([buffer_size] + state.shape.as_list(), state.dtype)
         zero = tf.zeros([], tf.int64)
 
         def body(i, state, results, seed, grads, divs, buffers):
@@ -674,7 +684,7 @@ def _make_advance(kernel, buffer_size: int, jit_compile: bool, shard: tuple[int,
             grads += tf.reduce_sum(tf.cast(stats["n_steps"], tf.int64))
             divs += tf.reduce_sum(tf.cast(stats["diverging"], tf.int64))
             index = [[tf.math.floormod(i // thin, buffer_size)]]
-            values = dict(z=state, v=_latent_state(results), **stats)
+            values = dict(z=state, v=_latent_state(results), latent_grad=_latent_gradient(results), **stats)
             buffers = {
                 k: tf.tensor_scatter_nd_update(buffers[k], index, values[k][tf.newaxis]) for k in buffers
             }
@@ -1347,17 +1357,20 @@ def _draw(advance, state, results, loop_seed, chunks, thin: int, bar):
             state, results, loop_seed, tf.constant(n, tf.int32), thin_t)
         grads += int(g)
         divs += int(v)
-        pieces.append({k: b.numpy()[: n // thin] for k, b in buffers.items()})
+        pieces.append({k: b.numpy()[: n // thin] for k, b in buffers.items() if k not in _WARMUP_ONLY})
         if bar is not None:
             bar.update(n)
     return state, results, pieces, grads, divs
+
+
+# Buffers only the warm-up's hooks read (the flow adaptation), never kept in the trace.
+_WARMUP_ONLY = ("v", "latent_grad")
 
 
 def _trace(pieces: list[dict[str, np.ndarray]], target: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Chunks of ``[draw, chain, ...]`` buffers to ``z`` and ``sample_stats`` as ``[chain, draw, ...]``."""
     trace = {k: np.swapaxes(np.concatenate([p[k] for p in pieces]), 0, 1) for k in pieces[0]}
     z = trace.pop("z")
-    trace.pop("v", None)
     d = z.shape[-1]
     lp = target.unnormalized_log_prob(z.reshape(-1, d)).numpy().reshape(z.shape[:2])
     _check_draws_lp(lp, z, str(getattr(target, "name", "target")))

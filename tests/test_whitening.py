@@ -115,3 +115,38 @@ def test_a_non_gaussian_target_is_still_trained():
     flow = make_flow("iaf", 2, hidden_units=[8], num_layers=2)
     r = fit(models.banana(), flow, num_steps=200, batch_size=64, seed=0, **QUICK)
     assert r.whitening.khat > 0.5 and r.num_steps > 0
+
+
+def test_dadvi_when_needed_stops_at_a_good_laplace_fit_and_counts_only_what_ran():
+    target, mean, cov = _badly_scaled()
+    full = fit_gaussian(target, seed=0)
+    lean = fit_gaussian(target, seed=0, num_elbo_draws=256, dadvi="when_needed")
+    # A Gaussian target: Laplace is exact (k-hat ~ 0), so DADVI never runs.
+    assert lean.method == "laplace" and lean.khat < 0.7
+    assert any("DADVI not needed" in n for n in lean.notes)
+    np.testing.assert_allclose(lean.loc, mean, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(lean.scale_tril @ lean.scale_tril.T, cov, rtol=1e-4, atol=1e-9)
+    # MAP and Hessian cost the same either way; then two candidates (identity, Laplace)
+    # are scored on num_elbo_draws each.
+    scored_on_2048 = fit_gaussian(target, seed=0, dadvi="when_needed")
+    assert lean.num_grad_evals - 2 * 256 == scored_on_2048.num_grad_evals - 2 * 2048 > 0
+    assert lean.num_grad_evals < full.num_grad_evals / 5
+
+
+def test_dadvi_when_needed_runs_where_laplace_misses_the_skew():
+    # The banana: its Laplace fit has ELBO ~ -14 against DADVI's ~ -1 (k-hat > 0.7).
+    g = fit_gaussian(models.banana(dtype=tf.float64), seed=0, num_elbo_draws=256, dadvi="when_needed")
+    assert g.method == "dadvi from laplace", g.notes
+    assert not any("DADVI not needed" in n for n in g.notes)
+    assert g.elbo > -3.0
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(dadvi="sometimes"), "dadvi must be one of"),
+    (dict(num_elbo_draws=1), "num_elbo_draws must be an int >= 2"),
+    (dict(num_elbo_draws=2.5), "num_elbo_draws must be an int"),
+])
+def test_fit_gaussian_refuses_bad_options(kwargs, words):
+    target, _, _ = _badly_scaled()
+    with pytest.raises(ValueError, match=words):
+        fit_gaussian(target, seed=0, **kwargs)

@@ -166,6 +166,7 @@ def row_for(target_key: str, record: dict, npz_path: str, truth) -> dict:
         "notes": record.get("notes"),
         "versions": record.get("versions"),
         "load_average_at_end": (record.get("machine") or {}).get("load_average_at_end"),
+        "created": record.get("created"),
     }
     if gt is not None:
         out["all_coords"] = {k: r.get(k) for k in ("max_abs_error_mcse", "min_std_ratio", "max_std_ratio")}
@@ -193,8 +194,22 @@ def row_for(target_key: str, record: dict, npz_path: str, truth) -> dict:
     return out
 
 
-def load_rows(targets) -> list[dict]:
+def previous_rows(path: str, label: str) -> dict[tuple[str, str], dict]:
+    """The rows of an earlier table (its peers.json), by (target, method), marked as kept
+    (with when they ran: their own record's date, else ``label``)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--keep-previous: no earlier table at {path}")
+    with open(path) as fh:
+        rows = json.load(fh)["rows"]
+    return {(r["target"], r["method"]): {**r, "kept_from": r.get("kept_from") or r.get("created") or label}
+            for r in rows}
+
+
+def load_rows(targets, previous: dict[tuple[str, str], dict] | None = None) -> list[dict]:
+    """One row per (target, method) run under RUNS_DIR; with ``previous``, the
+    earlier table's rows fill in the (target, method) pairs not run again."""
     rows = []
+    previous = previous or {}
     for target_key in targets:
         folder = os.path.join(common.RUNS_DIR, target_key)
         records = {}
@@ -202,11 +217,16 @@ def load_rows(targets) -> list[dict]:
             with open(path) as fh:
                 rec = json.load(fh)
             records[rec["method"]] = (rec, path[:-5] + ".npz")
-        if not records:
+        kept = {m: r for (t, m), r in previous.items() if t == target_key and m not in records}
+        if not records and not kept:
             continue
-        truth = truth_for(target_key)
-        order = [m for m in METHOD_ORDER if m in records] + sorted(set(records) - set(METHOD_ORDER))
+        truth = truth_for(target_key) if records else None
+        methods = set(records) | set(kept)
+        order = [m for m in METHOD_ORDER if m in methods] + sorted(methods - set(METHOD_ORDER))
         for method in order:
+            if method in kept:
+                rows.append(kept[method])
+                continue
             rec, npz = records[method]
             if rec.get("status", "ok") != "ok" or not os.path.exists(npz):
                 rows.append(
@@ -279,8 +299,9 @@ def markdown(rows: list[dict]) -> str:
         correct = {True: "yes", False: "no: " + r.get("correct_why_not", ""), None: "n/a (no truth)"}[
             r.get("correct")
         ]
+        kept = " ‡" if r.get("kept_from") else ""
         lines.append(
-            f"| {r['target']} | {SHORT.get(r['method'], r['method'])} | "
+            f"| {r['target']} | {SHORT.get(r['method'], r['method'])}{kept} | "
             f"{r['max_rhat']:.3f}{'' if conv else ' ✗'} | "
             f"{r['min_ess_bulk']:.0f} | {r['divergences']} | {grads} | {_g(r['ess_per_grad'])} | "
             f"{_g(r['ess_per_grad_total'])} | {vs_txt} | {_g(r['ess_per_second_total'])} | "
@@ -342,8 +363,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="*", help=f"default: all of {list(common.TARGETS)}")
     parser.add_argument("--figure", default=FIGURE)
+    parser.add_argument("--keep-previous", nargs="?", const="an earlier sweep", metavar="WHEN",
+                        help="rows not run again are kept from the committed results/peers.json (marked ‡); "
+                        "WHEN says when those ran, for rows whose record has no date")
     args = parser.parse_args()
-    rows = load_rows(common.parse_targets(args.targets))
+    previous = (previous_rows(os.path.join(common.OUTPUT_DIR, "peers.json"), args.keep_previous)
+                if args.keep_previous else None)
+    rows = load_rows(common.parse_targets(args.targets), previous)
     if not rows:
         raise SystemExit(f"no runs under {common.RUNS_DIR}")
     os.makedirs(common.OUTPUT_DIR, exist_ok=True)
@@ -358,6 +384,10 @@ def main() -> None:
         "bias/MCSE and std ratio: on x0 for the funnels (all coordinates in peers.json); eight schools "
         "against an estimated reference (see peers.json truth_source).\n"
     )
+    if any(r.get("kept_from") for r in rows):
+        dates = sorted({str(r["kept_from"]) for r in rows if r.get("kept_from")})
+        notes += ("‡ not run again: kept from the earlier table (`table.py --keep-previous`; run on "
+                  + ", ".join(dates) + "); its seconds came from another day's machine load.\n")
     with open(os.path.join(common.OUTPUT_DIR, "peers.md"), "w") as fh:
         fh.write(md + notes)
     with open(os.path.join(common.OUTPUT_DIR, "peers.json"), "w") as fh:
