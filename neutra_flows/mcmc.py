@@ -1201,13 +1201,35 @@ def _assemble(plan: _Plan, s: _Settings, run: _RunRecord, flow: Any, training_ti
     for hook in plan.hooks:
         hook.report(attrs)
     target_name = attrs["target"]
-    neutra = plan.bijector is not None
-    _warn_if_divergent(run.divs_sampling, s.num_chains * s.num_samples, plan.sampler, target_name, neutra)
+    # What the warnings advise depends on where the flow came from.
+    run_kind = ("baseline" if plan.bijector is None else
+                "adapted" if any(isinstance(h, FlowAdapter) for h in plan.hooks) else "neutra")
+    _warn_if_divergent(run.divs_sampling, s.num_chains * s.num_samples, plan.sampler, target_name, run_kind)
     idata = az.from_dict(posterior=plan.target.named_draws(run.z), sample_stats=run.stats)
     for group in (idata.posterior, idata.sample_stats):
         group.attrs.update(attrs)
-    _warn_if_not_converged(idata, plan.sampler, target_name, neutra)
+    _warn_if_not_converged(idata, plan.sampler, target_name, run_kind)
     return idata
+
+
+# What to do about divergences and about unconverged chains, by run kind.
+_DIVERGENCE_ADVICE = {
+    "neutra": "Train the flow longer, use NUTS, or raise target_accept_prob.",
+    "adapted": ("The flow adapted on the warm-up draws has weak spots here: rerun with another seed or a "
+                "longer warm-up, raise target_accept_prob, or train the flow with fit first."),
+    "baseline": "Raise target_accept_prob, reparameterise the model, or precondition it with a flow (NeuTra).",
+}
+_CONVERGENCE_ADVICE = {
+    "neutra": ("the flow is not a good enough preconditioner here: train it longer (fit(num_steps=...)), "
+               "use a more flexible flow (make_flow('naf', ...)), or compare with plain NUTS "
+               "(sample(target, None, kernel='nuts'))"),
+    "adapted": ("the flow adapted on the warm-up draws is not good enough here (its outcome varies from "
+                "seed to seed on funnel-like and high-dimensional posteriors): rerun with another seed, "
+                "or train the flow with fit first (sample(target, fit(target, make_flow('iaf', d), ...))), "
+                "and compare with plain NUTS (sample(target, None, kernel='nuts'))"),
+    "baseline": ("run longer chains (num_warmup, num_samples), reparameterise the model, or precondition it "
+                 "with a flow (NeuTra)"),
+}
 
 
 def _attrs(plan: _Plan, s: _Settings, run: _RunRecord) -> dict[str, Any]:
@@ -1382,7 +1404,7 @@ def _trace(pieces: list[dict[str, np.ndarray]], target: Any) -> tuple[np.ndarray
 
 
 def _warn_if_divergent(divergences: int, transitions: int, sampler: str, target_name: str,
-                       neutra: bool) -> None:
+                       run_kind: str) -> None:
     if not divergences:
         return
     warnings.warn(
@@ -1390,8 +1412,7 @@ def _warn_if_divergent(divergences: int, transitions: int, sampler: str, target_
         f"({divergences / transitions:.1%});"
         + (" the draws are likely biased. " if divergences > _DIVERGENCE_WARN * transitions else
            " the draws may be biased. ")
-        + ("Train the flow longer, use NUTS, or raise target_accept_prob." if neutra else
-           "Raise target_accept_prob, reparameterise the model, or precondition it with a flow (NeuTra)."),
+        + _DIVERGENCE_ADVICE[run_kind],
         RuntimeWarning,
         stacklevel=3,
     )
@@ -1405,7 +1426,7 @@ def _latent_scale_from(window: list[np.ndarray], scale: tf.Variable) -> np.ndarr
     return np.sqrt(var)
 
 
-def _warn_if_not_converged(idata: Any, sampler: str, target_name: str, neutra: bool) -> None:
+def _warn_if_not_converged(idata: Any, sampler: str, target_name: str, run_kind: str) -> None:
     """Warns, naming the variables, when the chains disagree (rank-normalised R-hat > 1.01)."""
     if idata.posterior.sizes["chain"] < 2 or idata.posterior.sizes["draw"] < 4:
         return
@@ -1420,11 +1441,7 @@ def _warn_if_not_converged(idata: Any, sampler: str, target_name: str, neutra: b
         return
     shown = ", ".join(f"{k} (R-hat {v:.3g})" for k, v in list(bad.items())[:6])
     severe = max(bad.values()) > _RHAT_SEVERE
-    fix = ("the flow is not a good enough preconditioner here: train it longer (fit(num_steps=...)), "
-           "use a more flexible flow (make_flow('naf', ...)), or compare with plain NUTS "
-           "(sample(target, None, kernel='nuts'))" if neutra else
-           "run longer chains (num_warmup, num_samples), reparameterise the model, or precondition it "
-           "with a flow (NeuTra)")
+    fix = _CONVERGENCE_ADVICE[run_kind]
     warnings.warn(
         f"{sampler} on {target_name}: the chains have not converged"
         + (" (the draws are likely wrong)" if severe else "")

@@ -239,3 +239,20 @@ def test_the_draws_gradients_are_the_samplers_own_turned_into_the_targets():
     assert np.abs(direct).max() > 1.0  # a banana's gradients, not zeros
     np.testing.assert_allclose(g, direct, rtol=1e-6, atol=1e-8)
 
+
+
+def test_warnings_after_an_adapted_flow_say_what_to_do_about_it():
+    import arviz as az
+
+    from neutra_flows.mcmc import _warn_if_divergent, _warn_if_not_converged
+
+    with pytest.warns(RuntimeWarning, match="adapted on the warm-up draws has weak spots.*another seed"):
+        _warn_if_divergent(30, 4000, "NeuTra-HMC", "funnel", "adapted")
+    # Two chains in different places: R-hat far above 1.01.
+    draws = np.concatenate([np.random.default_rng(0).normal(size=(1, 200)),
+                            5.0 + np.random.default_rng(1).normal(size=(1, 200))])
+    idata = az.from_dict(posterior={"x": draws})
+    with pytest.warns(RuntimeWarning, match="x \\(R-hat .*adapted on the warm-up draws is not good enough"):
+        _warn_if_not_converged(idata, "NeuTra-HMC", "funnel", "adapted")
+    with pytest.warns(RuntimeWarning, match="train it longer"):
+        _warn_if_not_converged(idata, "NeuTra-HMC", "funnel", "neutra")
