@@ -643,7 +643,8 @@ def _latent_gradient(results):
     return tf.nest.flatten(unnest.get_innermost(results, "grads_target_log_prob"))[0]
 
 
-def _make_advance(kernel, buffer_size: int, jit_compile: bool, shard: tuple[int, int] | None = None):
+def _make_advance(kernel, buffer_size: int, jit_compile: bool, shard: tuple[int, int] | None = None,
+                  latent_gradient: bool = False):
     """One compiled function `advance(state, results, seed, n, thin)` running `n` transitions.
 
     `n` and `thin` are tensors, so warm-up and sampling chunks of any length
@@ -656,6 +657,9 @@ def _make_advance(kernel, buffer_size: int, jit_compile: bool, shard: tuple[int,
     `n <= buffer_size * thin`. With `shard = (local, total)` the function takes
     a last argument `offset` and runs chains `offset ... offset + local - 1` of
     `total`, each drawing what it would draw in one batch of `total` chains.
+    With `latent_gradient` (NeuTra only) the buffers also hold the sampler's
+    gradient of the pulled-back density at each state (`latent_grad`), which the
+    flow adaptation reads.
     """
 
     def advance(state, results, seed, num_steps, thin, offset=None):
@@ -674,7 +678,8 @@ def _make_advance(kernel, buffer_size: int, jit_compile: bool, shard: tuple[int,
         )
         if _latent_state(results) is not None:
             buffers["v"] = tf.zeros([buffer_size] + state.shape.as_list(), state.dtype)
-            buffers["latent_grad"] = tf.zeros([buffer_size] + state.shape.as_list(), state.dtype)
+            if latent_gradient:
+                buffers["latent_grad"] = tf.zeros([buffer_size] + state.shape.as_list(), state.dtype)
         zero = tf.zeros([], tf.int64)
 
         def body(i, state, results, seed, grads, divs, buffers):
@@ -729,15 +734,15 @@ def _cached_kernel(key: tuple, build, strategy=None) -> tfp.mcmc.TransitionKerne
     return entry["kernel"]
 
 
-def _cached_advance(key: tuple, kernel, build=None) -> Any:
-    *kernel_key, buffer_size, jit_compile = key
-    build = build or (lambda: _make_advance(kernel, buffer_size, jit_compile))
-    entry = _cache_entry(tuple(kernel_key))
+def _cached_advance(kernel_key: tuple, variant: tuple, kernel, build) -> Any:
+    """``build()``'s compiled loop, cached beside ``kernel`` under ``variant`` (its buffer
+    size and compile options)."""
+    entry = _cache_entry(kernel_key)
     if entry is None or entry["kernel"] is not kernel:
         return build()
-    if (buffer_size, jit_compile) not in entry["advance"]:
-        entry["advance"][(buffer_size, jit_compile)] = build()
-    return entry["advance"][(buffer_size, jit_compile)]
+    if variant not in entry["advance"]:
+        entry["advance"][variant] = build()
+    return entry["advance"][variant]
 
 
 # Per kept draw: z and the named draws (d each) and up to 7 statistics.
@@ -1096,6 +1101,11 @@ def _neutra_plan(target, bijector, s: _Settings, z_given, adapt_latent_scale: bo
                  cache_key=key, hooks=hooks)
 
 
+def _adapts_flow(plan: _Plan) -> bool:
+    """Whether the run refits its flow on the warm-up draws."""
+    return any(isinstance(hook, FlowAdapter) for hook in plan.hooks)
+
+
 def _baseline_plan(target, s: _Settings, z_given) -> _Plan:
     """The baseline's windowed-adaptation kernel (cached) and its start (Stan's Uniform(-2, 2))."""
     if s.kind == "hmc" and s.num_leapfrog_steps is None:
@@ -1152,7 +1162,11 @@ def _run(plan: _Plan, s: _Settings) -> _RunRecord:
     sample_size = s.thin * max(1, math.ceil(s.num_samples / s.thin / _NUM_CHUNKS))
     sample_chunks = _chunks(s.num_samples, sample_size)
     buffer_size = max(sample_size // s.thin, warm_size if plan.hooks else 1)
-    advance = _cached_advance(plan.cache_key + (buffer_size, s.jit_compile), plan.kernel)
+    # The sampler's latent gradients are buffered only for a hook that reads them.
+    latent_gradient = _adapts_flow(plan)
+    advance = _cached_advance(
+        plan.cache_key, (buffer_size, s.jit_compile, latent_gradient), plan.kernel,
+        lambda: _make_advance(plan.kernel, buffer_size, s.jit_compile, latent_gradient=latent_gradient))
     loop_seed = tfp.random.sanitize_seed(s.run_seed, salt=_SAMPLE_CHAIN_SALT)
     z0, results = plan.z0, plan.results
     rescale = getattr(plan.kernel, "rescale_latent", None)
@@ -1202,8 +1216,7 @@ def _assemble(plan: _Plan, s: _Settings, run: _RunRecord, flow: Any, training_ti
         hook.report(attrs)
     target_name = attrs["target"]
     # What the warnings advise depends on where the flow came from.
-    run_kind = ("baseline" if plan.bijector is None else
-                "adapted" if any(isinstance(h, FlowAdapter) for h in plan.hooks) else "neutra")
+    run_kind = "baseline" if plan.bijector is None else "adapted" if _adapts_flow(plan) else "neutra"
     _warn_if_divergent(run.divs_sampling, s.num_chains * s.num_samples, plan.sampler, target_name, run_kind)
     idata = az.from_dict(posterior=plan.target.named_draws(run.z), sample_stats=run.stats)
     for group in (idata.posterior, idata.sample_stats):
@@ -1276,7 +1289,7 @@ def _sharded_chains(strategy, kernel, cache_key, num_chains, num_warmup, buffer_
     from neutra_flows._distribute import ShardedChains
 
     chains = _cached_advance(
-        cache_key + (buffer_size, ("sharded", jit_compile)),
+        cache_key, (buffer_size, "sharded", jit_compile),
         kernel,
         lambda: ShardedChains(strategy, kernel, _make_advance, _draw_stats, _latent_state,
                               num_chains=num_chains, num_warmup=num_warmup, buffer_size=buffer_size,

@@ -230,7 +230,7 @@ def test_the_draws_gradients_are_the_samplers_own_turned_into_the_targets():
         v.assign(v + 0.3 * tf.random.stateless_normal(v.shape, [i, 7], dtype=v.dtype))
     kernel = nf.NeuTraKernel(target, adapter.flow, kernel="hmc", num_adaptation_steps=400)
     z0, results = kernel.init_chains(3, seed=1)
-    advance = mcmc._make_advance(kernel, 20, jit_compile=True)
+    advance = mcmc._make_advance(kernel, 20, jit_compile=True, latent_gradient=True)
     *_, buffers = advance(z0, results, tf.constant([1, 2]), tf.constant(20), tf.constant(1))
     adapter.observe(30, 20, buffers)
     x, g = adapter._points[0], adapter._gradients[0]
