@@ -9,7 +9,8 @@ flow on the warm-up draws"):
 
 The second argument is a JSON dict of :class:`neutra_flows.FlowAdaptation`
 settings; ``--kernel`` (default hmc), ``--seed`` (default 1) and
-``--target-accept`` (default 0.8) and ``--chains`` (default 4) are the sampler's.
+``--target-accept`` (default 0.8), ``--chains`` (default 4) and ``--warmup`` (default
+1000) are the sampler's.
 """
 
 import argparse
@@ -38,13 +39,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--target-accept", type=float, default=0.8)
+    parser.add_argument("--warmup", type=int, default=1000)
     args = parser.parse_args()
     target = TARGETS[args.target]()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         idata = nf.sample(target, "adapt", adapt_flow=nf.FlowAdaptation(**json.loads(args.settings)),
                           kernel=args.kernel, seed=args.seed, progress=False, num_chains=args.chains,
-                          target_accept_prob=args.target_accept)
+                          target_accept_prob=args.target_accept, num_warmup=args.warmup)
     attrs = idata.posterior.attrs
     print("start:", attrs["flow_adaptation_start"])
     for refit in json.loads(attrs["flow_refits"]):

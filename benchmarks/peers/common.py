@@ -44,13 +44,16 @@ POSTERIORDB_DIR = os.path.join(ROOT, "neutra_flows", "data", "posteriordb")
 NUM_CHAINS = 4
 NUM_WARMUP = 1000
 NUM_SAMPLES = 1000
-SEED = 0
+# PEERS_SEED=K: the same protocol with another seed (every method), for the seed spread;
+# its table goes beside the runs, never over the committed results.
+SEED = int(os.environ.get("PEERS_SEED", "0"))
 # PEERS_QUICK=1: a smoke test of the harness (tiny runs, into PEERS_RUNS), not a benchmark.
 QUICK = os.environ.get("PEERS_QUICK", "0") == "1"
 if QUICK:
     NUM_WARMUP = NUM_SAMPLES = 100
 # Where table.py writes peers.md / peers.json (a quick run never overwrites the real ones).
-OUTPUT_DIR = os.path.join(RUNS_DIR, "quick_results") if QUICK else RESULTS_DIR
+OUTPUT_DIR = (os.path.join(RUNS_DIR, "quick_results") if QUICK
+              else os.path.join(RUNS_DIR, f"seed{SEED}_results") if SEED else RESULTS_DIR)
 
 # Our short target names -> neutra_flows.app.bench.BENCHMARKS names. The order is the
 # priority order of run_all.sh (cheap and central first).

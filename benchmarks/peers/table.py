@@ -62,7 +62,7 @@ TOLERANCE = {
 FOCUS = {"funnel-10": {"x": [0]}, "funnel-100": {"x": [0]}}
 FIGURE = (
     os.path.join(common.OUTPUT_DIR, "peers_ess_per_grad_total.png")
-    if common.QUICK
+    if common.QUICK or common.SEED
     else os.path.join(common.ROOT, "docs", "img", "peers_ess_per_grad_total.png")
 )
 
