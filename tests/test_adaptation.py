@@ -170,7 +170,7 @@ def test_tail_points_reach_a_fixed_distance_beyond_the_typical_radius(d, scale):
 
 
 def test_short_fit_batch_grows_with_the_dimension():
-    assert [default_fit_batch_size(d) for d in (2, 10, 11, 51, 100, 1000)] == [32, 32, 64, 192, 256, 256]
+    assert [default_fit_batch_size(d) for d in (2, 10, 11, 51, 100, 320, 1000)] == [8, 8, 16, 48, 80, 256, 256]
 
 
 def test_bench_adapt_mode_skips_vi_and_writes_its_outputs(tmp_path):
