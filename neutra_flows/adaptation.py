@@ -131,8 +131,8 @@ class FlowAdaptation:
         diverged).
       num_refits: refits, evenly spaced between ``first_refit`` and
         ``last_refit`` (fractions of the warm-up).
-      train_steps: Adam steps per refit (at most: a refit stops when its held-out
-        loss has not improved for three checks of 50 steps).
+      train_steps: Adam steps per refit, all of them run (no early stop); the
+        held-out loss is checked every 50 and the best check kept.
       batch_size: points per Adam step.
       learning_rate: Adam's initial rate (cosine decay to 1 % within a refit).
       validation_fraction: held-out share of the points, for the keep-or-reject test.
@@ -417,7 +417,6 @@ class _FlowTrainer:
     """Refits a flow on ``(x, grad log p(x))`` by the configured loss, with a held-out check."""
 
     check_every = 50
-    patience = 3
 
     def __init__(self, target: Any, flow: tfb.Bijector, config: FlowAdaptation, frozen: Any = ()):
         self.target, self.flow, self.config = target, flow, config
@@ -590,9 +589,11 @@ class _FlowTrainer:
         """Adam from a fresh optimiser state; the weights of the best held-out check."""
         for v in self.optimizer.variables:
             v.assign(tf.zeros_like(v))
-        best, best_weights, stale = float(self._held_out_loss()), snapshot(self.variables), 0
+        best, best_weights = float(self._held_out_loss()), snapshot(self.variables)
         if not math.isfinite(best):
             best = math.inf
+        # No early stop: a fresh Adam state's first steps often make a fitted flow
+        # worse on the held-out points before they make it better.
         for i in range(0, self.config.train_steps, self.check_every):
             count = min(self.check_every, self.config.train_steps - i)
             self._train(tf.random.experimental.stateless_fold_in(seed, i), tf.constant(count))
@@ -600,11 +601,7 @@ class _FlowTrainer:
             if not all_finite(self.variables):
                 break
             if math.isfinite(loss) and loss < best:
-                best, best_weights, stale = loss, snapshot(self.variables), 0
-            else:
-                stale += 1
-                if stale >= self.patience:
-                    break
+                best, best_weights = loss, snapshot(self.variables)
         return (best if math.isfinite(best) else math.nan), best_weights
 
     def restore(self, weights: list[tf.Tensor]) -> None:

@@ -115,6 +115,23 @@ def test_the_refit_learns_a_badly_scaled_gaussian():
     np.testing.assert_array_less(np.abs(layer.shift.numpy() - mean), 0.15 * std)
 
 
+def test_a_refit_runs_all_its_steps_and_rejects_what_does_not_beat_the_current_flow():
+    mean, std = np.array([1.0, -2.0]), np.array([2.0, 0.5])
+    target = _gaussian(mean, std)
+    flow, trainer = _trainer(target, train_steps=300, learning_rate=0.05)
+    # The flow is the exact transport: no check can beat its held-out loss of 0.
+    flow.layers[0].shift.assign(mean)
+    flow.layers[0].log_scale.assign(np.log(std))
+    before = [v.numpy().copy() for v in flow.trainable_variables]
+    x = np.random.default_rng(3).normal(size=[200, 2]) * std + mean
+    record, _ = trainer.refit(100, x, trainer.gradients(x), tf.constant([5, 6]), from_moments=False)
+    # No early stop after checks without progress: every one of the 300 Adam steps ran.
+    assert int(trainer.optimizer.iterations.numpy()) == 300
+    assert not record.accepted and "no better" in record.note
+    for v, b in zip(flow.trainable_variables, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
 def test_sample_adapt_is_correct_on_a_correlated_gaussian_and_counts_its_gradients():
     mean = np.array([1.0, -1.0, 0.0])
     cov = np.array([[4.0, 1.9, 0.0], [1.9, 1.0, 0.0], [0.0, 0.0, 0.01]])
