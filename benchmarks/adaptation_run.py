@@ -6,6 +6,7 @@ flow on the warm-up draws"):
     python benchmarks/adaptation_run.py banana '{"tail_points": 0}'
     python benchmarks/adaptation_run.py funnel '{"start": "whitening"}'
     python benchmarks/adaptation_run.py eight-schools '{}'
+    python benchmarks/adaptation_run.py funnel-50 '{"fit_above_dims": null}'   # adapt above 40-D too
 
 The second argument is a JSON dict of :class:`neutra_flows.FlowAdaptation`
 settings; ``--kernel`` (default hmc), ``--seed`` (default 1) and
@@ -23,6 +24,10 @@ TARGETS = {
     "banana": lambda: nf.models.banana(),
     "funnel": lambda: nf.models.neals_funnel(10),
     "funnel-100": lambda: nf.models.neals_funnel(100),
+    # Between them: where the adaptation stops working (FlowAdaptation.fit_above_dims).
+    "funnel-20": lambda: nf.models.neals_funnel(20),
+    "funnel-30": lambda: nf.models.neals_funnel(30),
+    "funnel-50": lambda: nf.models.neals_funnel(50),
     "eight-schools": lambda: nf.models.eight_schools(),
     "german-credit": lambda: nf.models.german_credit_sparse_logistic_regression(),
     # The two posteriordb regressions of the peers benchmark.
@@ -53,7 +58,8 @@ def main() -> None:
         print("refit:", refit)
     for key in ("num_grad_evals_training", "num_grad_evals_warmup", "num_grad_evals_sampling",
                 "num_divergences_warmup", "num_divergences_sampling", "step_size", "trajectory_length",
-                "mean_leapfrog_steps", "latent_scale_min", "latent_scale_max", "flow_adaptation_time"):
+                "mean_leapfrog_steps", "latent_scale_min", "latent_scale_max", "flow_training_time",
+                "flow_adaptation_time"):
         print(f"{key}: {attrs.get(key)}")
     row = nf.compare({"adapt": idata}).loc["adapt"]
     for key in ("ess_per_grad", "ess_per_grad_total", "max_rhat", "max_abs_error_mcse", "min_std_ratio",

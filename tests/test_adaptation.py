@@ -37,6 +37,7 @@ def _gaussian(mean, std, dtype=tf.float64):
     (dict(tail_points=5000), "tail_points"),
     (dict(start="vi"), "start"),
     (dict(fit_batch_size=0), "fit_batch_size"),
+    (dict(fit_above_dims=0), "fit_above_dims"),
 ])
 def test_bad_settings_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -232,6 +233,38 @@ def test_auto_start_fits_briefly_where_the_posterior_has_no_mode():
     adapter = FlowAdapter(gaussian, None, config=FlowAdaptation(), num_warmup=400, num_chains=2, seed=0)
     assert adapter.whitening.khat < 0.5 and adapter.start == "auto"
     assert adapter.num_grad_evals == adapter.whitening.num_grad_evals
+
+
+def test_auto_start_fits_instead_where_the_draws_are_too_few(monkeypatch):
+    # A funnel above fit_above_dims: no Gaussian passes PSIS, so the flow sample builds
+    # is an IAF trained by fit, no refit is planned, and every gradient and second of
+    # that fit is reported. Small stand-ins for the 2000 x 256 fit keep the test short.
+    import neutra_flows.adaptation as adaptation
+
+    monkeypatch.setattr(adaptation, "_FULL_FIT", {"flow": "iaf", "num_steps": 30, "batch_size": 16})
+    funnel = nf.models.neals_funnel(6, dtype=tf.float64)
+    fits_instead = FlowAdaptation(fit_above_dims=5)
+    adapter = FlowAdapter(funnel, None, config=fits_instead, num_warmup=400, num_chains=2, seed=0)
+    assert adapter.flow.flow_config["name"] == "iaf" and adapter.boundaries == ()
+    assert "30-step VI fit of an IAF, not refitted" in adapter.start and "6 dimensions" in adapter.start
+    assert adapter.num_grad_evals > 30 * 16 and adapter.start_time > 0
+    # At the limit, or with the limit off, it adapts as before.
+    for limit in (6, None):
+        config = FlowAdaptation(fit_above_dims=limit, fit_steps=10)
+        adapter = FlowAdapter(funnel, None, config=config, num_warmup=400, num_chains=2, seed=0)
+        assert adapter.flow.flow_config["name"] == "realnvp" and len(adapter.boundaries) == 4
+    # A flow the user gives is refined as asked, whatever the dimension.
+    given = nf.make_flow("realnvp", 6, dtype=tf.float64)
+    adapter = FlowAdapter(funnel, given, config=FlowAdaptation(fit_above_dims=5, fit_steps=10), num_warmup=400,
+                          num_chains=2, seed=0)
+    assert adapter.flow is given and len(adapter.boundaries) == 4
+    # Through sample: the run is fit + NeuTra, its attrs say so and hold the fit's cost.
+    idata = nf.sample(funnel, "adapt", adapt_flow=fits_instead, kernel="hmc", num_chains=2, num_warmup=200,
+                      num_samples=50, seed=1, progress=False)
+    attrs = idata.posterior.attrs
+    assert "not refitted" in attrs["flow_adaptation_start"] and json.loads(attrs["flow_refits"]) == []
+    assert attrs["num_grad_evals_training"] > 30 * 16 and attrs["flow_training_time"] > 0
+    assert "refits" not in attrs["adaptation"]
 
 
 def test_the_draws_gradients_are_the_samplers_own_turned_into_the_targets():

@@ -31,6 +31,8 @@ def test_list_names_every_target_and_flow(capsys):
         ["bench", "banana", "--chains", "0"],
         ["bench", "banana", "--flow", "no-such-flow"],
         ["bench", "banana", "--samples", "many"],
+        ["bench", "banana", "--target-accept", "1.5"],
+        ["suite", "--out", "x", "--target-accept", "0"],
         [],
     ],
 )
@@ -122,6 +124,23 @@ def test_bench_sweeps_flows_against_one_baseline_run(tmp_path, capsys):
     # A baseline from another protocol is refused before any training.
     with pytest.raises(ValueError, match="baseline_idata was run with"):
         run_benchmark("banana", num_chains=2, num_warmup=60, num_samples=30, baseline_idata=nuts, log=None)
+
+
+def test_target_accept_reaches_both_samplers_and_a_baseline_at_another_is_refused(capsys):
+    from neutra_flows.app.bench import run_benchmark
+
+    tiny = dict(train_steps=30, batch_size=32, num_chains=2, num_warmup=40, num_samples=20,
+                flow_options={"hidden_units": [8, 8], "num_layers": 2}, progress=False, log=None)
+    result = run_benchmark("banana", target_accept_prob=0.95, **tiny)
+    assert result.settings["target_accept_prob"] == 0.95
+    assert [idata.posterior.attrs["target_accept_prob"] for idata in result.idatas.values()] == [0.95, 0.95]
+    # Without it the run is at sample's default, so a baseline run at 0.95 is not reused.
+    nuts = result.idatas["NUTS"]
+    with pytest.raises(ValueError, match=r"needs \{.*'target_accept_prob': 0\.8"):
+        run_benchmark("banana", baseline_idata=nuts, **tiny)
+    # A bad value fails before any training.
+    with pytest.raises(ValueError, match="target_accept_prob must lie in"):
+        run_benchmark("banana", target_accept_prob=1.0, **tiny)
 
 
 @pytest.mark.parametrize("item", ["output_affine", "=3"])

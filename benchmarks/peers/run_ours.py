@@ -15,7 +15,8 @@ Methods (one ``runs/<target>/<method>.{npz,json}`` each), all with 4 chains,
     (NeuTra-HMC with ChEES and the latent-scale window).
 ``ours-adapt``
     ``nf.sample(target, flow="adapt", kernel=<the bench's kernel>, num_chains=4,
-    ..., seed=1)``: the flow trained on the warm-up draws. If this version of neutra_flows does not have it
+    ..., seed=1)``: the flow trained on the warm-up draws (above 40 dimensions with no
+    Gaussian that fits, an IAF trained by ``fit`` instead). If this version of neutra_flows does not have it
     (a TypeError / ValueError about ``flow="adapt"``), the row is recorded as
     skipped, with the error.
 ``ours-nuts``

@@ -34,7 +34,7 @@ from neutra_flows._version import __version__
 from neutra_flows.diagnostics import compare
 from neutra_flows.flows import make_flow
 from neutra_flows.io import save_flow
-from neutra_flows.mcmc import sample
+from neutra_flows.mcmc import _DEFAULT_TARGET_ACCEPT_PROB, sample
 from neutra_flows.models.posteriordb import POSTERIORDB_MODELS
 from neutra_flows.targets import Target
 from neutra_flows.vi import fit
@@ -338,6 +338,7 @@ def _check_reused_baseline(idata: Any, target: Target, settings: Mapping[str, An
         "num_chains": settings["num_chains"],
         "num_warmup": settings["num_warmup"],
         "num_samples": settings["num_samples"],
+        "target_accept_prob": settings["target_accept_prob"],
         "seed": settings["seed"] + 2,
     }
     found = {key: attrs.get(key) for key in wanted}
@@ -368,12 +369,16 @@ def _settings(
     baseline: bool,
     baseline_kernel: str,
     adapt: bool = False,
+    target_accept_prob: float | None = None,
 ) -> dict[str, Any]:
     """Every setting of the run (JSON-able): :func:`run_benchmark`'s arguments, else ``spec``'s defaults.
 
     The benchmark's flow options apply to its own flow only; ``flow_options``
     are added on top. ``baseline_kernel`` is None when no baseline runs.
     """
+    if target_accept_prob is not None and not 0.0 < target_accept_prob < 1.0:
+        # Here, not in sample: a bad value must not cost a flow training first.
+        raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob}")
     # Adapting on the draws needs a flow with a fast inverse: RealNVP unless asked otherwise.
     flow_name = flow or ("realnvp" if adapt else spec.flow)
     options = dict(spec.flow_options if flow_name == spec.flow else {})
@@ -392,6 +397,10 @@ def _settings(
         "train_steps": train_steps or spec.train_steps,
         "batch_size": batch_size or spec.batch_size,
         "learning_rate": learning_rate if learning_rate is not None else spec.learning_rate,
+        # Both samplers' dual-averaging target, as Stan's adapt_delta: raised for
+        # both, the ratio between them stays a like-for-like comparison.
+        "target_accept_prob": float(_DEFAULT_TARGET_ACCEPT_PROB if target_accept_prob is None
+                                    else target_accept_prob),
         "seed": int(seed),
     }
 
@@ -429,7 +438,8 @@ def _sample_runs(the_target: Target, fit_result: Any, settings: Mapping[str, Any
     without a baseline kernel there is no baseline row.
     """
     common = dict(num_chains=settings["num_chains"], num_warmup=settings["num_warmup"],
-                  num_samples=settings["num_samples"], progress=progress)
+                  num_samples=settings["num_samples"], target_accept_prob=settings["target_accept_prob"],
+                  progress=progress)
     seed, baseline_kernel = settings["seed"], settings["baseline_kernel"]
     adapt = bool(settings.get("adapt"))
     idatas = {_neutra_label(settings): sample(the_target, fit_result, kernel=settings["kernel"],
@@ -480,6 +490,7 @@ def run_benchmark(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     adapt: bool = False,
+    target_accept_prob: float | None = None,
 ) -> BenchResult:
     """Trains a flow on ``target``, samples with NeuTra and plain NUTS, compares them.
 
@@ -503,7 +514,13 @@ def run_benchmark(
       log: where to print progress lines (``None``: silent).
       adapt: no VI fit: train the flow (RealNVP unless ``flow`` says otherwise)
         on NeuTra's own warm-up draws (``sample(..., adapt_flow=True)``); its
-        cost is counted in ``grad_evals_training`` and the warm-up.
+        cost is counted in ``grad_evals_training`` and the warm-up. The flow is
+        built here and given to ``sample``, so it is adapted in any dimension:
+        ``sample(target, "adapt")`` trains with ``fit`` instead above
+        ``FlowAdaptation.fit_above_dims`` where no Gaussian fits.
+      target_accept_prob: the step size's dual-averaging target for both runs
+        (default :func:`~neutra_flows.sample`'s, 0.8). Raise it, as Stan's
+        ``adapt_delta``, when NeuTra reports divergences.
 
     Returns:
       A :class:`BenchResult`.
@@ -514,7 +531,8 @@ def run_benchmark(
     settings = _settings(the_target, spec, flow=flow, flow_options=flow_options, kernel=kernel,
                          num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
                          train_steps=train_steps, batch_size=batch_size, learning_rate=learning_rate,
-                         seed=seed, baseline=baseline, baseline_kernel=baseline_kernel, adapt=adapt)
+                         seed=seed, baseline=baseline, baseline_kernel=baseline_kernel, adapt=adapt,
+                         target_accept_prob=target_accept_prob)
     if baseline and baseline_idata is not None:
         _check_reused_baseline(baseline_idata, the_target, settings)  # before any training
     trained = _train(the_target, settings, progress=progress, say=say)

@@ -53,6 +53,21 @@ _positive = _int_at_least(1, "a positive integer")
 _non_negative = _int_at_least(0, "an integer >= 0")
 
 
+def _probability(text: str) -> float:
+    """An argparse type: a float strictly between 0 and 1 (an acceptance target)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value:g}")
+    return value
+
+
+_TARGET_ACCEPT_HELP = ("both samplers' dual-averaging target acceptance (default 0.8); raise it (e.g. 0.95, "
+                       "as Stan's adapt_delta) when NeuTra reports divergences")
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     from neutra_flows.flows import FLOW_NAMES
 
@@ -76,10 +91,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive, default=None, help="VI batch size")
     parser.add_argument("--learning-rate", type=float, default=None, help="initial Adam rate")
     parser.add_argument("--seed", type=_non_negative, default=0, help="seed (default 0)")
+    parser.add_argument("--target-accept", type=_probability, default=None, metavar="P",
+                        help=_TARGET_ACCEPT_HELP)
     parser.add_argument("--adapt", action="store_true",
                         help="no VI fit: train the flow (realnvp by default) on NeuTra's own warm-up "
                         "draws and gradients (Fisher divergence), keeping a refit only when held-out "
-                        "draws say it is better")
+                        "draws say it is better; in any dimension (sample(target, 'adapt') uses fit "
+                        "instead above 40 dimensions where no Gaussian fits)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the plain-NUTS baseline run")
     parser.add_argument("--out", default=None,
@@ -110,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--quiet", action="store_true", help="no progress lines")
     suite.add_argument("--adapt", action="store_true",
                        help="NeuTra's flow is trained on the warm-up draws (as bench --adapt), not by VI")
+    suite.add_argument("--target-accept", type=_probability, default=None, metavar="P",
+                       help=_TARGET_ACCEPT_HELP)
     sub.add_parser("list", help="list the built-in targets and flows")
     return parser
 
@@ -214,6 +234,7 @@ def _run(args: argparse.Namespace, target: Any) -> int:
                 seed=args.seed,
                 baseline=not args.no_baseline,
                 adapt=args.adapt,
+                target_accept_prob=args.target_accept,
                 baseline_idata=baseline_idata,
                 out=None,
                 progress=not args.quiet,
@@ -254,7 +275,10 @@ def _out_subfolders(args: argparse.Namespace) -> list[str]:
 def _run_suite(args: argparse.Namespace) -> int:
     from neutra_flows.app.suite import run_suite, suite_table_markdown
 
-    rows = run_suite(args.models, out=args.out, seed=args.seed, **({"adapt": True} if args.adapt else {}),
+    protocol = {"adapt": True} if args.adapt else {}
+    if args.target_accept is not None:
+        protocol["target_accept_prob"] = args.target_accept
+    rows = run_suite(args.models, out=args.out, seed=args.seed, **protocol,
                      log=None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)))
     print(suite_table_markdown(rows), flush=True)
     print(f"wrote suite.md, suite.json and suite_ess_per_grad.png to {args.out}", flush=True)
