@@ -228,6 +228,10 @@ def test_auto_start_fits_briefly_where_the_posterior_has_no_mode():
     adapter = FlowAdapter(funnel, None, config=config, num_warmup=400, num_chains=2, seed=0)
     assert adapter.whitening.method.startswith("identity") and "20-step VI fit" in adapter.start
     assert adapter.num_grad_evals == adapter.whitening.num_grad_evals + 20 * 8 + _FIT_DIAGNOSTIC_DRAWS
+    # Its seconds join the run's training time.
+    attrs = {"flow_training_time": 1.0}
+    adapter.report(attrs)
+    assert adapter.start_time > 0 and attrs["flow_training_time"] == 1.0 + adapter.start_time
     # A Gaussian has a mode: the whitening stage alone.
     gaussian = _gaussian([1.0, 2.0], [3.0, 0.5])
     adapter = FlowAdapter(gaussian, None, config=FlowAdaptation(), num_warmup=400, num_chains=2, seed=0)
