@@ -250,7 +250,6 @@ class FlowAdapter:
         self.config = config
         self.num_chains = int(num_chains)
         self.boundaries = config.boundaries(num_warmup)
-        self.last_boundary = self.boundaries[-1]
         # The first half of the first window is the chains' transient from their starts.
         self.first_step = self.boundaries[0] // 2
         self.target = target
@@ -290,16 +289,23 @@ class FlowAdapter:
             return
         # No Gaussian beat the identity (no MAP, or Laplace and ADVI both worse) and
         # the identity itself fails PSIS: a funnel-like posterior.
-        no_mode = (self.whitening is not None and self.whitening.method.startswith("identity")
-                   and not self.whitening.khat < _GOOD_KHAT)
+        no_mode = self._no_gaussian_fits() and self.whitening.method.startswith("identity")
         if config.start == "fit" or (config.start == "auto" and no_mode):
             self._short_fit(target, seed, whiten=config.start == "fit")
+
+    @property
+    def last_boundary(self) -> int:
+        """The warm-up step of the last refit; 0 when none is planned (the flow is frozen from the start)."""
+        return self.boundaries[-1] if self.boundaries else 0
+
+    def _no_gaussian_fits(self) -> bool:
+        """The whitening stage ran and its best Gaussian (the identity included) fails PSIS."""
+        return self.whitening is not None and not self.whitening.khat < _GOOD_KHAT
 
     def _too_hard_for_the_draws(self) -> bool:
         """Many dimensions and no Gaussian that passes PSIS (see ``FlowAdaptation.fit_above_dims``)."""
         limit = self.config.fit_above_dims
-        return (limit is not None and int(self.target.event_size) > limit and self.whitening is not None
-                and not self.whitening.khat < _GOOD_KHAT)
+        return limit is not None and int(self.target.event_size) > limit and self._no_gaussian_fits()
 
     def _fit_instead(self, target: Any, seed: Any) -> None:
         """Trains an IAF by reverse KL (fit's defaults) and plans no refit: sampling as after ``fit``."""
@@ -311,7 +317,7 @@ class FlowAdapter:
                      seed=seed, progress=False)
         self.num_grad_evals += result.num_grad_evals
         self.whitening = result.whitening
-        self.boundaries, self.last_boundary = (), 0
+        self.boundaries = ()
         self.start = (f"a {result.num_steps}-step VI fit of an IAF, not refitted on the draws ({d} dimensions "
                       f"and the best Gaussian's PSIS k-hat {khat:.2f}: too few warm-up draws to learn from)")
 

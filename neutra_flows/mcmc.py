@@ -125,6 +125,14 @@ _DIVERGENCE_WARN = 0.01
 _DEFAULT_TARGET_ACCEPT_PROB = 0.8
 
 
+def _target_accept_prob(value: float | None) -> float:
+    """``value`` (default :data:`_DEFAULT_TARGET_ACCEPT_PROB`) as a float in (0, 1), else ``ValueError``."""
+    value = _DEFAULT_TARGET_ACCEPT_PROB if value is None else float(value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"target_accept_prob must lie in (0, 1), got {value}")
+    return value
+
+
 def _default_step_size(event_size: int) -> float:
     # TFP's windowed-sampling heuristic (Langmore et al. 2019): a well-scaled
     # d-dimensional target wants a step of order d^(-1/4).
@@ -277,11 +285,7 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
         step_size = _default_step_size(d) if step_size is None else float(step_size)
         if not (math.isfinite(step_size) and step_size > 0):
             raise ValueError(f"step_size must be a positive finite float, got {step_size}")
-        if target_accept_prob is None:
-            target_accept_prob = _DEFAULT_TARGET_ACCEPT_PROB
-        target_accept_prob = float(target_accept_prob)
-        if not 0.0 < target_accept_prob < 1.0:
-            raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob}")
+        target_accept_prob = _target_accept_prob(target_accept_prob)
         init_trajectory_length = float(init_trajectory_length)
         if not (math.isfinite(init_trajectory_length) and init_trajectory_length > 0):
             raise ValueError(f"init_trajectory_length must be positive, got {init_trajectory_length}")

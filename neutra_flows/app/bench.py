@@ -34,7 +34,7 @@ from neutra_flows._version import __version__
 from neutra_flows.diagnostics import compare
 from neutra_flows.flows import make_flow
 from neutra_flows.io import save_flow
-from neutra_flows.mcmc import _DEFAULT_TARGET_ACCEPT_PROB, sample
+from neutra_flows.mcmc import _target_accept_prob, sample
 from neutra_flows.models.posteriordb import POSTERIORDB_MODELS
 from neutra_flows.targets import Target
 from neutra_flows.vi import fit
@@ -376,9 +376,6 @@ def _settings(
     The benchmark's flow options apply to its own flow only; ``flow_options``
     are added on top. ``baseline_kernel`` is None when no baseline runs.
     """
-    if target_accept_prob is not None and not 0.0 < target_accept_prob < 1.0:
-        # Here, not in sample: a bad value must not cost a flow training first.
-        raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob}")
     # Adapting on the draws needs a flow with a fast inverse: RealNVP unless asked otherwise.
     flow_name = flow or ("realnvp" if adapt else spec.flow)
     options = dict(spec.flow_options if flow_name == spec.flow else {})
@@ -398,9 +395,9 @@ def _settings(
         "batch_size": batch_size or spec.batch_size,
         "learning_rate": learning_rate if learning_rate is not None else spec.learning_rate,
         # Both samplers' dual-averaging target, as Stan's adapt_delta: raised for
-        # both, the ratio between them stays a like-for-like comparison.
-        "target_accept_prob": float(_DEFAULT_TARGET_ACCEPT_PROB if target_accept_prob is None
-                                    else target_accept_prob),
+        # both, the ratio between them stays a like-for-like comparison. Checked
+        # here, not in sample, so that a bad value costs no flow training first.
+        "target_accept_prob": _target_accept_prob(target_accept_prob),
         "seed": int(seed),
     }
 
