@@ -65,6 +65,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -113,6 +114,8 @@ class FlowAdaptation:
       objective: ``"fisher"`` (default) or ``"forward_kl"``.
       flow: the flow built for ``sample(target, "adapt")`` (one of
         :data:`FAST_INVERSE_FLOWS`).
+      flow_options: keyword arguments for :func:`~neutra_flows.make_flow`
+        when it builds that flow (``num_layers``, ``hidden_units``, ...).
       start: how the flow starts (a FitResult's trained flow starts as it is):
         ``"auto"`` (default) is ``"whitening"``, then ``"fit"`` too where no
         Gaussian beat the identity there (no MAP with a positive-definite
@@ -172,6 +175,7 @@ class FlowAdaptation:
 
     objective: str = "fisher"
     flow: str = "realnvp"
+    flow_options: Mapping[str, Any] | None = None
     start: str = "auto"
     num_refits: int = 4
     first_refit: float = 0.15
@@ -195,6 +199,8 @@ class FlowAdaptation:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.flow not in FAST_INVERSE_FLOWS:
             raise ValueError(f"flow must be one of {FAST_INVERSE_FLOWS} (a fast inverse), got {self.flow!r}")
+        if self.flow_options is not None and not isinstance(self.flow_options, Mapping):
+            raise ValueError(f"flow_options must be a dict of make_flow's options, got {self.flow_options!r}")
         for name in ("num_refits", "train_steps", "batch_size", "max_points", "min_warmup", "fit_steps"):
             check_positive_int(getattr(self, name), name)
         for name in ("fit_batch_size", "fit_above_dims"):
@@ -253,7 +259,8 @@ class FlowAdapter:
         # The first half of the first window is the chains' transient from their starts.
         self.first_step = self.boundaries[0] // 2
         self.target = target
-        self.flow = make_flow(config.flow, int(target.event_size), dtype=target.dtype) if flow is None else flow
+        self.flow = flow if flow is not None else make_flow(config.flow, int(target.event_size),
+                                                             dtype=target.dtype, **(config.flow_options or {}))
         _check_fast_inverse(self.flow)
         self.refits: list[Refit] = []
         self.num_grad_evals = 0

@@ -860,6 +860,7 @@ def sample(
     thin: int = 1,
     max_trace_bytes: int | None = 4 * 2**30,
     strategy: tf.distribute.Strategy | None = None,
+    return_flow: bool = False,
 ) -> Any:
     """Samples ``target`` with NeuTra (given a ``flow``) or with the plain baseline.
 
@@ -926,10 +927,14 @@ def sample(
         all-reduce inside a compiled loop on CPUs); sampling runs in compiled
         chunks without communication. Every worker returns the whole trace.
         See docs/distributed.md.
+      return_flow: also return the flow NeuTra sampled with (``None`` for the
+        baseline): with ``flow="adapt"`` the one built, adapted and frozen here
+        (an IAF trained by ``fit`` where ``FlowAdaptation.fit_above_dims``
+        applies), to save with :func:`~neutra_flows.save_flow` or reuse.
 
     Returns:
       ``arviz.InferenceData`` with ``posterior``, ``sample_stats`` and attrs as
-      described in the module docstring.
+      described in the module docstring; ``(idata, flow)`` with ``return_flow``.
 
     Raises:
       ValueError: on a bad argument, a flow whose event size differs from the
@@ -959,7 +964,8 @@ def sample(
         plan = _neutra_plan(target, bijector, settings, z_given, adapt_latent_scale, adapter)
     _check_sampler_start(plan.results)
     run = _run(plan, settings)
-    return _assemble(plan, settings, run, flow, training_time)
+    idata = _assemble(plan, settings, run, flow, training_time)
+    return (idata, bijector) if return_flow else idata
 
 
 @dataclass(frozen=True)

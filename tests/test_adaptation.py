@@ -202,7 +202,11 @@ def test_bench_adapt_mode_skips_vi_and_writes_its_outputs(tmp_path):
     row = payload["table"]["NeuTra-AFFINE_TRIL-ADAPT-HMC"]
     # The refits' gradients are counted: the draws' are the sampler's (free), 4 x 512 tail points.
     assert row["grad_evals_training"] == 4 * 512
-    assert nf.load_flow(tmp_path / "flow") is not None
+    assert nf.load_flow(tmp_path / "flow").flow_config["name"] == "affine_tril"
+    assert "refits kept" in result.report()
+    # A flow without a fast inverse is refused before any sampling.
+    with pytest.raises(ValueError, match="fast inverse"):
+        run_benchmark("banana", adapt=True, flow="iaf", baseline=False, progress=False, log=None)
 
 
 def test_the_held_out_split_takes_whole_blocks_of_steps():
@@ -262,13 +266,40 @@ def test_auto_start_fits_instead_where_the_draws_are_too_few(monkeypatch):
     adapter = FlowAdapter(funnel, given, config=FlowAdaptation(fit_above_dims=5, fit_steps=10), num_warmup=400,
                           num_chains=2, seed=0)
     assert adapter.flow is given and len(adapter.boundaries) == 4
-    # Through sample: the run is fit + NeuTra, its attrs say so and hold the fit's cost.
-    idata = nf.sample(funnel, "adapt", adapt_flow=fits_instead, kernel="hmc", num_chains=2, num_warmup=200,
-                      num_samples=50, seed=1, progress=False)
+    # Through sample: the run is fit + NeuTra, its attrs say so and hold the fit's cost;
+    # return_flow hands back the flow sampled with: the IAF, not the RealNVP asked for.
+    idata, flow = nf.sample(funnel, "adapt", adapt_flow=fits_instead, kernel="hmc", num_chains=2,
+                            num_warmup=200, num_samples=50, seed=1, progress=False, return_flow=True)
     attrs = idata.posterior.attrs
     assert "not refitted" in attrs["flow_adaptation_start"] and json.loads(attrs["flow_refits"]) == []
     assert attrs["num_grad_evals_training"] > 30 * 16 and attrs["flow_training_time"] > 0
     assert "refits" not in attrs["adaptation"]
+    assert flow.flow_config["name"] == "iaf"
+
+
+def test_bench_adapt_runs_what_sample_adapt_runs(monkeypatch, tmp_path):
+    # bench --adapt (and suite --adapt) measure sample(target, "adapt") itself: above
+    # fit_above_dims (40) on a funnel it is fit + NeuTra with an IAF, which the report
+    # names and the outputs save.
+    import neutra_flows.adaptation as adaptation
+    from neutra_flows.app.bench import run_benchmark
+
+    monkeypatch.setattr(adaptation, "_FULL_FIT", {"flow": "iaf", "num_steps": 30, "batch_size": 16})
+    result = run_benchmark(nf.models.neals_funnel(41), adapt=True, num_warmup=200, num_samples=20,
+                           baseline=False, progress=False, log=None, out=tmp_path)
+    assert result.fit is None and result.flow.flow_config["name"] == "iaf"
+    assert "30-step VI fit of an IAF, not refitted" in result.report()
+    assert nf.load_flow(tmp_path / "flow").flow_config["name"] == "iaf"
+    assert result.table.iloc[0]["grad_evals_training"] > 30 * 16
+
+
+def test_the_adaptations_flow_options_reach_make_flow():
+    target = _gaussian([0.0, 0.0], [1.0, 1.0])
+    config = FlowAdaptation(start="identity", flow_options={"num_layers": 2, "hidden_units": [8]})
+    adapter = FlowAdapter(target, None, config=config, num_warmup=400, num_chains=2, seed=0)
+    assert adapter.flow.flow_config["options"]["num_layers"] == 2
+    with pytest.raises(ValueError, match="flow_options must be a dict"):
+        FlowAdaptation(flow_options=[("num_layers", 2)])
 
 
 def test_the_draws_gradients_are_the_samplers_own_turned_into_the_targets():

@@ -61,3 +61,24 @@ def test_suite_covers_every_posteriordb_model_and_the_built_ins_with_a_truth():
     for name in ("banana", "funnel", "german-credit"):
         assert name in SUITE_MODELS
         assert BENCHMARKS[name].make_target().ground_truth_mean is not None
+
+
+def test_suite_row_says_whether_the_adapted_flow_was_refitted():
+    # suite --adapt: a flow adapted on the draws reports its kept refits; above
+    # FlowAdaptation.fit_above_dims the flow is fit's, with no refit planned, and
+    # the row must not read "adapted".
+    import json
+    from types import SimpleNamespace
+
+    from neutra_flows.app.suite import _fit_figures
+
+    def result(refits, kept, start):
+        attrs = {"flow_refits": json.dumps(refits), "flow_refits_accepted": kept,
+                 "flow_adaptation_start": start}
+        posterior = SimpleNamespace(attrs=attrs)
+        return SimpleNamespace(fit=None, idatas={"NeuTra": SimpleNamespace(posterior=posterior)})
+
+    adapted = _fit_figures(result([{"accepted": True}, {"accepted": False}], 1, "auto"))
+    assert adapted["fit_stop"] == "adapted on the draws: 1 refits kept" and adapted["whitening"] == "auto"
+    fitted = _fit_figures(result([], 0, "a 2000-step VI fit of an IAF, not refitted on the draws"))
+    assert fitted["fit_stop"] == "not refitted on the draws" and "IAF" in fitted["whitening"]

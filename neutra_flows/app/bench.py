@@ -31,6 +31,7 @@ import numpy as np
 
 from neutra_flows import models as _models
 from neutra_flows._version import __version__
+from neutra_flows.adaptation import FlowAdaptation
 from neutra_flows.diagnostics import compare
 from neutra_flows.flows import make_flow
 from neutra_flows.io import save_flow
@@ -206,7 +207,8 @@ class BenchResult:
       goals: ``[(description, met)]``, ``met`` True, False or None (not measurable).
       fit: the :class:`~neutra_flows.FitResult` of the flow training (None
         when the flow was adapted on the warm-up draws instead).
-      flow: the flow NeuTra sampled with (trained by ``fit`` or adapted).
+      flow: the flow NeuTra sampled with (trained by ``fit``, or the one
+        ``sample(target, "adapt")`` built).
       idatas: ``{label: InferenceData}``.
       settings: every setting used (JSON-able).
       files: paths written under ``out`` (empty without ``out``).
@@ -248,8 +250,12 @@ class BenchResult:
                                 + (">= " if bound else "") + f"{a[column] / b[column]:.3g}x"
                                 + (f" (a lower bound: the baseline's R-hat is {b['max_rhat']:.3g})"
                                    if bound else ""))
-        text.append(f"flow fit: {self.fit.summary().splitlines()[-1].strip()}"
-                    if self.fit is not None else "")
+        if self.fit is not None:
+            text.append(f"flow fit: {self.fit.summary().splitlines()[-1].strip()}")
+        elif self.settings.get("adapt"):
+            attrs = next(iter(self.idatas.values())).posterior.attrs
+            text.append(f"flow: {attrs.get('flow_adaptation_start')}, "
+                        f"{attrs.get('flow_refits_accepted', 0)} refits kept")
         for description, met in self.goals:
             mark = {True: "MET   ", False: "MISSED", None: "N/A   "}[met]
             text.append(f"[{mark}] {description}")
@@ -409,14 +415,14 @@ def _neutra_label(settings: Mapping[str, Any]) -> str:
 
 def _train(the_target: Target, settings: Mapping[str, Any], *, progress: bool,
            say: Callable[[str], None]) -> Any:
-    """Phase 1: a fresh flow fitted to ``the_target`` by VI with seed ``settings["seed"]``."""
+    """Phase 1: a fresh flow fitted to ``the_target`` by VI with seed ``settings["seed"]``; None to adapt."""
     say(f"target {the_target.name} (d={the_target.event_size}); flow {settings['flow']}; "
         f"NeuTra kernel {settings['kernel']}")
+    if settings.get("adapt"):
+        say('no VI fit: sample(target, "adapt") trains the flow on the warm-up draws')
+        return None
     flow_obj = make_flow(settings["flow"], the_target.event_size, dtype=the_target.dtype,
                          **settings["flow_options"])
-    if settings.get("adapt"):
-        say("no VI fit: the flow is trained on the warm-up draws (adapt_flow=True)")
-        return flow_obj
     fit_kwargs: dict[str, Any] = dict(num_steps=settings["train_steps"],
                                       batch_size=settings["batch_size"], seed=settings["seed"],
                                       progress=progress)
@@ -428,24 +434,32 @@ def _train(the_target: Target, settings: Mapping[str, Any], *, progress: bool,
 
 
 def _sample_runs(the_target: Target, fit_result: Any, settings: Mapping[str, Any], *, baseline_idata: Any,
-                 progress: bool) -> dict[str, Any]:
-    """Phase 2: ``{label: InferenceData}``, NeuTra first (seed + 1), then the baseline (seed + 2).
+                 progress: bool) -> tuple[dict[str, Any], Any]:
+    """Phase 2: ``({label: InferenceData}, NeuTra's flow)``, NeuTra first (seed + 1), then the
+    baseline (seed + 2).
 
-    A given ``baseline_idata`` is used instead of running the baseline again;
-    without a baseline kernel there is no baseline row.
+    Without a fit, NeuTra runs ``sample(target, "adapt")`` with the settings'
+    flow: what a user of the adaptation gets, its start rules included. A given
+    ``baseline_idata`` is used instead of running the baseline again; without a
+    baseline kernel there is no baseline row.
     """
     common = dict(num_chains=settings["num_chains"], num_warmup=settings["num_warmup"],
                   num_samples=settings["num_samples"], target_accept_prob=settings["target_accept_prob"],
                   progress=progress)
     seed, baseline_kernel = settings["seed"], settings["baseline_kernel"]
-    adapt = bool(settings.get("adapt"))
-    idatas = {_neutra_label(settings): sample(the_target, fit_result, kernel=settings["kernel"],
-                                              adapt_flow=adapt, seed=seed + 1, **common)}
+    flow = fit_result
+    if settings.get("adapt"):
+        flow = "adapt"
+        common["adapt_flow"] = FlowAdaptation(flow=settings["flow"], flow_options=settings["flow_options"])
+    neutra_idata, sampled_flow = sample(the_target, flow, kernel=settings["kernel"], seed=seed + 1,
+                                        return_flow=True, **common)
+    common.pop("adapt_flow", None)
+    idatas = {_neutra_label(settings): neutra_idata}
     if baseline_kernel is not None:
         if baseline_idata is None:
             baseline_idata = sample(the_target, None, kernel=baseline_kernel, seed=seed + 2, **common)
         idatas[baseline_kernel.upper()] = baseline_idata
-    return idatas
+    return idatas, sampled_flow
 
 
 def _judge(table: Any, idatas: Mapping[str, Any], the_target: Target, spec: BenchSpec,
@@ -509,12 +523,14 @@ def run_benchmark(
         the trained flow and PNG plots; ``None`` writes nothing.
       progress: progress bars.
       log: where to print progress lines (``None``: silent).
-      adapt: no VI fit: train the flow (RealNVP unless ``flow`` says otherwise)
-        on NeuTra's own warm-up draws (``sample(..., adapt_flow=True)``); its
-        cost is counted in ``grad_evals_training`` and the warm-up. The flow is
-        built here and given to ``sample``, so it is adapted in any dimension:
-        ``sample(target, "adapt")`` trains with ``fit`` instead above
-        ``FlowAdaptation.fit_above_dims`` where no Gaussian fits.
+      adapt: no VI fit: NeuTra runs ``sample(target, "adapt")``, which trains
+        the flow (RealNVP unless ``flow`` says otherwise, with ``flow_options``)
+        on its own warm-up draws, or, above ``FlowAdaptation.fit_above_dims``
+        dimensions where no Gaussian fits, trains an IAF with ``fit`` (2000 x
+        256) and does not refit it; the run's report and attrs
+        (``flow_adaptation_start``) say which. Every gradient is counted in
+        ``grad_evals_training`` and the warm-up; ``train_steps``,
+        ``batch_size`` and ``learning_rate`` are not used.
       target_accept_prob: the step size's dual-averaging target for both runs
         (default :func:`~neutra_flows.sample`'s, 0.8). Raise it, as Stan's
         ``adapt_delta``, when NeuTra reports divergences.
@@ -532,13 +548,13 @@ def run_benchmark(
                          target_accept_prob=target_accept_prob)
     if baseline and baseline_idata is not None:
         _check_reused_baseline(baseline_idata, the_target, settings)  # before any training
-    trained = _train(the_target, settings, progress=progress, say=say)
-    fit_result = None if settings["adapt"] else trained
-    idatas = _sample_runs(the_target, trained, settings, baseline_idata=baseline_idata, progress=progress)
+    fit_result = _train(the_target, settings, progress=progress, say=say)
+    idatas, flow_sampled = _sample_runs(the_target, fit_result, settings, baseline_idata=baseline_idata,
+                                        progress=progress)
     table = compare(idatas)
     result = BenchResult(table=table, goals=_judge(table, idatas, the_target, spec, settings), fit=fit_result,
                          idatas=idatas, settings=settings, target=the_target, view=spec.view,
-                         flow=getattr(trained, "flow", trained))
+                         flow=flow_sampled)
     if out is not None:
         write_outputs(result, out)
     return result
