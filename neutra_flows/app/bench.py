@@ -254,12 +254,21 @@ class BenchResult:
             text.append(f"flow fit: {self.fit.summary().splitlines()[-1].strip()}")
         elif self.settings.get("adapt"):
             attrs = next(iter(self.idatas.values())).posterior.attrs
-            text.append(f"flow: {attrs.get('flow_adaptation_start')}, "
-                        f"{attrs.get('flow_refits_accepted', 0)} refits kept")
+            start, outcome = str(attrs.get("flow_adaptation_start")), _adaptation_outcome(attrs)
+            # fit's IAF in many dimensions already says it was not refitted.
+            text.append(f"flow: {start}" + ("" if outcome in start else f"; {outcome}"))
         for description, met in self.goals:
             mark = {True: "MET   ", False: "MISSED", None: "N/A   "}[met]
             text.append(f"[{mark}] {description}")
         return "\n".join(t for t in text if t)
+
+
+def _adaptation_outcome(attrs: Mapping[str, Any]) -> str:
+    """What a ``sample(target, "adapt")`` run's attrs say became of its flow on the draws."""
+    # Above FlowAdaptation.fit_above_dims the flow is fit's, with no refit planned.
+    if not json.loads(attrs.get("flow_refits", "[]")):
+        return "not refitted on the draws"
+    return f"adapted on the draws: {attrs.get('flow_refits_accepted', 0)} refits kept"
 
 
 def _focus_figures(idata: Any, target: Target, focus: Mapping[str, Sequence[int]]) -> dict:
@@ -447,13 +456,12 @@ def _sample_runs(the_target: Target, fit_result: Any, settings: Mapping[str, Any
                   num_samples=settings["num_samples"], target_accept_prob=settings["target_accept_prob"],
                   progress=progress)
     seed, baseline_kernel = settings["seed"], settings["baseline_kernel"]
-    flow = fit_result
+    flow, adapt_kwargs = fit_result, {}
     if settings.get("adapt"):
-        flow = "adapt"
-        common["adapt_flow"] = FlowAdaptation(flow=settings["flow"], flow_options=settings["flow_options"])
+        adaptation = FlowAdaptation(flow=settings["flow"], flow_options=settings["flow_options"])
+        flow, adapt_kwargs = "adapt", {"adapt_flow": adaptation}
     neutra_idata, sampled_flow = sample(the_target, flow, kernel=settings["kernel"], seed=seed + 1,
-                                        return_flow=True, **common)
-    common.pop("adapt_flow", None)
+                                        return_flow=True, **adapt_kwargs, **common)
     idatas = {_neutra_label(settings): neutra_idata}
     if baseline_kernel is not None:
         if baseline_idata is None:

@@ -29,7 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from neutra_flows.app.bench import _LOWER_BOUND_RHAT, BENCHMARKS, _json_safe, run_benchmark, write_outputs
+from neutra_flows.app.bench import (
+    _LOWER_BOUND_RHAT,
+    BENCHMARKS,
+    _adaptation_outcome,
+    _json_safe,
+    run_benchmark,
+    write_outputs,
+)
 from neutra_flows.models.posteriordb import POSTERIORDB_MODELS
 
 __all__ = ["SUITE_MODELS", "run_suite", "suite_table_markdown"]
@@ -50,11 +57,8 @@ def _fit_figures(result: Any) -> dict[str, Any]:
     """The VI fit's figures; with the flow adapted on the draws, its refits instead."""
     if result.fit is None:
         attrs = next(iter(result.idatas.values())).posterior.attrs
-        # Above FlowAdaptation.fit_above_dims the flow is fit's, with no refit planned.
-        refitted = json.loads(attrs.get("flow_refits", "[]"))
         return {"khat": math.nan, "whitening": attrs.get("flow_adaptation_start", "none"),
-                "fit_stop": (f"adapted on the draws: {attrs.get('flow_refits_accepted', 0)} refits kept"
-                             if refitted else "not refitted on the draws")}
+                "fit_stop": _adaptation_outcome(attrs)}
     fit = result.fit
     return {"khat": float(fit.khat), "fit_stop": fit.stop_reason,
             "whitening": fit.whitening.method if fit.whitening is not None else "none"}
