@@ -18,6 +18,12 @@ loads none of them.
 
 import os as _os
 
+from neutra_flows import _quiet
+
+# The neutra-flows command's first screen is its own (neutra_flows._quiet); for a
+# library import this does nothing.
+_quiet.quiet_command_start()
+
 # TensorFlow's C++ start-up chatter (CUDA probing on CPU-only machines, XLA
 # banners) buries our own output; only raise the threshold if the user has not
 # chosen one. It must be set before TensorFlow is first imported.

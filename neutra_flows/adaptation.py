@@ -73,6 +73,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from neutra_flows._timing import Laps
 from neutra_flows._training import all_finite, guarded_step, make_optimizer, restore, snapshot
 from neutra_flows._utils import as_seed, check_positive_int, stan_regularised
 from neutra_flows.flows import make_flow
@@ -171,6 +172,17 @@ class FlowAdaptation:
         where ``fit`` + NeuTra converged on 4 of 5, 2 of 2 and 3 of 3; at
         30-D the adaptation converged on 3 seeds of 4 at 8x-15x ``fit``'s
         whole-run ESS per gradient, at 20-D on both. ``None`` always adapts.
+      gaussian_khat: with ``start="auto"`` and a flow ``sample`` builds
+        (``flow="adapt"``): where the whitening stage's Gaussian (or the
+        identity) has PSIS k-hat below this, NeuTra samples with that Gaussian
+        (an affine flow: HMC with a dense metric from the Laplace fit, the latent
+        scale still adapted) and plans no refit; the run's
+        ``flow_adaptation_start`` says so. On the ten posteriordb models the
+        Laplace fit's k-hat is 0.02-0.2 and the refits bought nothing a Gaussian
+        had not: kidiq's all-in ESS per second went from 43 to 177 (NUTS: 31),
+        with the same ESS per gradient while sampling (docs/benchmarks.md). HMC
+        stays exact whatever the metric, so a k-hat that was lucky costs speed,
+        not correctness. ``None`` always builds and refits the flow.
     """
 
     objective: str = "fisher"
@@ -191,6 +203,7 @@ class FlowAdaptation:
     fit_steps: int = 1000
     fit_batch_size: int | None = None
     fit_above_dims: int | None = 40
+    gaussian_khat: float | None = 0.5
 
     def __post_init__(self):
         if self.start not in STARTS:
@@ -208,6 +221,9 @@ class FlowAdaptation:
                 check_positive_int(getattr(self, name), name)
         if check_positive_int(self.tail_points, "tail_points", minimum=0) >= self.max_points:
             raise ValueError(f"tail_points must be an int in [0, max_points), got {self.tail_points!r}")
+        khat = self.gaussian_khat
+        if khat is not None and not (math.isfinite(khat) and khat > 0):
+            raise ValueError(f"gaussian_khat must be positive or None, got {self.gaussian_khat}")
         if self.tail_scale is not None and not (math.isfinite(self.tail_scale) and self.tail_scale > 0):
             raise ValueError(f"tail_scale must be positive, got {self.tail_scale}")
         if not 0.0 < self.first_refit <= self.last_refit < 1.0:
@@ -252,8 +268,10 @@ class FlowAdapter:
     """
 
     def __init__(self, target: Any, flow: tfb.Bijector | None, *, config: FlowAdaptation, num_warmup: int,
-                 num_chains: int, seed: Any, trained: bool = False):
+                 num_chains: int, seed: Any, trained: bool = False, jit_compile: bool = True):
         self.config = config
+        # sample's jit_compile: the start's fit and the refits compile as the chains' loop does.
+        self._jit_compile = bool(jit_compile)
         self.num_chains = int(num_chains)
         self.boundaries = config.boundaries(num_warmup)
         # The first half of the first window is the chains' transient from their starts.
@@ -267,6 +285,7 @@ class FlowAdapter:
         self.whitening = None
         self.start = "as given" if trained else config.start
         self.wall_time = 0.0
+        self.start_times: dict[str, float] = {}
         self._points: list[np.ndarray] = []
         # Per observed chunk; None where its gradients are still to be computed.
         self._gradients: list[np.ndarray | None] = []
@@ -282,23 +301,34 @@ class FlowAdapter:
         self.start_time = time.perf_counter() - started
         # Like fit, the whitening stage's Gaussian stays fixed: Adam steps sized for
         # the coupling layers would wreck a covariance with condition number 1e8.
-        frozen = [] if self.whitening is None else whitening_layer(self.flow).trainable_variables
-        self._trainer = _FlowTrainer(target, self.flow, config, frozen=frozen) if self.boundaries else None
+        self._trainer = None
+        if self.boundaries:
+            frozen = [] if self.whitening is None else whitening_layer(self.flow).trainable_variables
+            self._trainer = _FlowTrainer(target, self.flow, config, frozen=frozen,
+                                         jit_compile=self._jit_compile)
 
     def _start(self, target: Any, seed: Any, built_here: bool) -> None:
         """Whitening; then a short VI fit where no Gaussian fits, or ``fit`` where the draws cannot do."""
-        config = self.config
+        config, laps = self.config, Laps()
+        # Seconds per phase of the start, for the run's phase_times (the dict fills as laps go).
+        self.start_times = laps.seconds
         if config.start in ("auto", "whitening"):
             self.whitening = whiten_flow(target, self.flow, seed=seed, **_LEAN_WHITENING)
             self.num_grad_evals += 0 if self.whitening is None else self.whitening.num_grad_evals
+            laps.lap("whitening")
+        if built_here and config.start == "auto" and self._gaussian_suffices():
+            self._gaussian_instead(target)
+            return
         if built_here and config.start == "auto" and self._too_hard_for_the_draws():
             self._fit_instead(target, seed)
+            laps.lap("training")
             return
         # No Gaussian beat the identity (no MAP, or Laplace and ADVI both worse) and
         # the identity itself fails PSIS: a funnel-like posterior.
         no_mode = self._no_gaussian_fits() and self.whitening.method.startswith("identity")
         if config.start == "fit" or (config.start == "auto" and no_mode):
             self._short_fit(target, seed, whiten=config.start == "fit")
+            laps.lap("training")
 
     @property
     def last_boundary(self) -> int:
@@ -314,14 +344,28 @@ class FlowAdapter:
         limit = self.config.fit_above_dims
         return limit is not None and int(self.target.event_size) > limit and self._no_gaussian_fits()
 
+    def _gaussian_suffices(self) -> bool:
+        """The whitening stage's winner passes PSIS (see ``FlowAdaptation.gaussian_khat``)."""
+        limit = self.config.gaussian_khat
+        return limit is not None and self.whitening is not None and self.whitening.khat < limit
+
+    def _gaussian_instead(self, target: Any) -> None:
+        """Samples with the whitening stage's Gaussian as the flow (affine) and plans no refit."""
+        d, gaussian = int(target.event_size), self.whitening
+        full = bool(np.any(np.tril(gaussian.scale_tril, -1)))
+        self.flow = make_flow("affine_tril" if full else "affine_diag", d, dtype=target.dtype)
+        set_whitening(self.flow.layers[-1], gaussian)
+        self.boundaries = ()
+        self.start = (f"the whitening stage's Gaussian, not refitted on the draws (PSIS k-hat "
+                      f"{gaussian.khat:.2f} < {self.config.gaussian_khat}: no flow needed)")
+
     def _fit_instead(self, target: Any, seed: Any) -> None:
         """Trains an IAF by reverse KL (fit's defaults) and plans no refit: sampling as after ``fit``."""
-        from neutra_flows.vi import fit
-
         d, khat = int(target.event_size), self.whitening.khat
         self.flow = make_flow(_FULL_FIT["flow"], d, dtype=target.dtype)
-        result = fit(target, self.flow, num_steps=_FULL_FIT["num_steps"], batch_size=_FULL_FIT["batch_size"],
-                     seed=seed, progress=False)
+        result = _start_fit(target, self.flow, f"a {_FULL_FIT['num_steps']}-step VI fit of an IAF",
+                            num_steps=_FULL_FIT["num_steps"], batch_size=_FULL_FIT["batch_size"], seed=seed,
+                            jit_compile=self._jit_compile)
         self.num_grad_evals += result.num_grad_evals
         self.whitening = result.whitening
         self.boundaries = ()
@@ -330,12 +374,11 @@ class FlowAdapter:
 
     def _short_fit(self, target: Any, seed: Any, whiten: bool) -> None:
         """``fit_steps`` of reverse KL (after the whitening stage unless it already ran)."""
-        from neutra_flows.vi import fit
-
         batch_size = self.config.fit_batch_size or default_fit_batch_size(int(target.event_size))
-        result = fit(target, self.flow, num_steps=self.config.fit_steps, batch_size=batch_size, seed=seed,
-                     progress=False, early_stopping=False, whiten=whiten,
-                     num_diagnostic_draws=_FIT_DIAGNOSTIC_DRAWS)
+        result = _start_fit(target, self.flow, f"a {self.config.fit_steps}-step VI fit",
+                            num_steps=self.config.fit_steps, batch_size=batch_size, seed=seed,
+                            early_stopping=False, whiten=whiten, num_diagnostic_draws=_FIT_DIAGNOSTIC_DRAWS,
+                            jit_compile=self._jit_compile)
         self.whitening = result.whitening or self.whitening
         self.num_grad_evals += result.num_grad_evals
         self.start = f"a {result.num_steps}-step VI fit"
@@ -416,11 +459,29 @@ class FlowAdapter:
     def report(self, attrs: dict) -> None:
         attrs["num_grad_evals_training"] = int(attrs.get("num_grad_evals_training", 0)) + self.num_grad_evals
         attrs["flow_adaptation_time"] = self.wall_time
+        attrs["flow_start_times"] = json.dumps(self.start_times)
         attrs["flow_training_time"] = float(attrs.get("flow_training_time", 0.0)) + self.start_time
         attrs["flow_refits"] = json.dumps([asdict(r) for r in self.refits])
         attrs["flow_refits_accepted"] = sum(r.accepted for r in self.refits)
         attrs["flow_adaptation_start"] = self.start + (
             f" (whitening: {self.whitening.method})" if self.whitening is not None else "")
+
+
+def _start_fit(target: Any, flow: tfb.Bijector, what: str, **fit_kwargs: Any) -> Any:
+    """``fit`` for the adaptation's start; a fit that gives up raises ``sample``'s ``ValueError``."""
+    from neutra_flows.vi import fit
+
+    try:
+        return fit(target, flow, progress=False, **fit_kwargs)
+    except RuntimeError as err:
+        # The caller called sample, not fit: say which step of sample failed and what to change.
+        raise ValueError(
+            f"sample(target, 'adapt'): the flow's start ({what}) failed: {err} For sample: where the log "
+            "density is -inf outside a region (a positive or bounded parameter), give the Target a "
+            "constraining_bijector onto it (tfb.Exp(), tfb.Sigmoid(), ...); where it is NaN only under XLA, "
+            "pass jit_compile=False; or pass a flow trained with fit (its FitResult), or "
+            "adapt_flow=FlowAdaptation(start='whitening')"
+        ) from err
 
 
 def default_fit_batch_size(event_size: int) -> int:
@@ -481,7 +542,8 @@ class _FlowTrainer:
 
     check_every = 50
 
-    def __init__(self, target: Any, flow: tfb.Bijector, config: FlowAdaptation, frozen: Any = ()):
+    def __init__(self, target: Any, flow: tfb.Bijector, config: FlowAdaptation, frozen: Any = (),
+                 jit_compile: bool = True):
         self.target, self.flow, self.config = target, flow, config
         d, dtype = int(target.event_size), target.dtype
         self.d, self.dtype = d, dtype
@@ -501,10 +563,10 @@ class _FlowTrainer:
         self.optimizer, _ = make_optimizer(None, config.train_steps, rate, None)
         self.optimizer.build(self.variables)
         self.base = tfp.distributions.MultivariateNormalDiag(tf.zeros([d], dtype), tf.ones([d], dtype))
-        self._train = tf.function(self._train_chunk, jit_compile=True, autograph=False)
-        self._held_out_loss = tf.function(self._masked_loss, jit_compile=True, autograph=False)
-        self._grad = tf.function(self._target_gradient, jit_compile=True, autograph=False)
-        self._grad_from_latent = tf.function(self._target_gradient_from_latent, jit_compile=True,
+        self._train = tf.function(self._train_chunk, jit_compile=jit_compile, autograph=False)
+        self._held_out_loss = tf.function(self._masked_loss, jit_compile=jit_compile, autograph=False)
+        self._grad = tf.function(self._target_gradient, jit_compile=jit_compile, autograph=False)
+        self._grad_from_latent = tf.function(self._target_gradient_from_latent, jit_compile=jit_compile,
                                              autograph=False)
 
     # -- the losses, per point -------------------------------------------------

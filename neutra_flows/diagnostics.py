@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import xarray as xr
 
-__all__ = ["COMPARE_COLUMNS", "compare"]
+__all__ = ["COMPARE_COLUMNS", "compare", "phase_times"]
 
 #: The columns of :func:`compare`'s table, in order, with their meaning.
 COMPARE_COLUMNS: dict[str, str] = {
@@ -52,7 +52,8 @@ COMPARE_COLUMNS: dict[str, str] = {
     "ess_per_grad_total": "min_ess_bulk / (grad_evals_training + grad_evals_warmup + grad_evals): "
     "the honest cost of the whole run",
     "sampling_time": "seconds spent drawing the kept draws",
-    "total_time": "flow training + compilation + warm-up + sampling seconds",
+    "total_time": "all-in seconds: flow training, set-up, compilation, warm-up, sampling (attrs total_time)",
+    "time_to_first_draw": "seconds from the call (and the flow's training) to the first kept draw",
     "ess_per_second": "min_ess_bulk / sampling_time",
     "ess_per_second_total": "min_ess_bulk / total_time",
     "max_abs_error_mcse": "largest |mean - true mean| / MCSE (needs the truth)",
@@ -173,7 +174,9 @@ def _row(idata: Any, truth) -> dict[str, Any]:
     grads_training = float(_attr(idata, "num_grad_evals_training", 0.0))
 
     sampling_time = float(_attr(idata, "sampling_time", _NAN))
-    total_time = sampling_time + sum(
+    # sample's own all-in clock where it wrote one; runs from before it, the phases' sum.
+    total_time = _attr(idata, "total_time")
+    total_time = float(total_time) if total_time is not None else sampling_time + sum(
         float(_attr(idata, k, 0.0)) for k in ("flow_training_time", "compile_time", "warmup_time")
     )
 
@@ -195,6 +198,7 @@ def _row(idata: Any, truth) -> dict[str, Any]:
         ess_per_grad_total=ratio(ess_bulk, grads_training + grads_warmup + grads),
         sampling_time=sampling_time,
         total_time=total_time,
+        time_to_first_draw=float(_attr(idata, "time_to_first_draw", _NAN)),
         ess_per_second=ratio(ess_bulk, sampling_time),
         ess_per_second_total=ratio(ess_bulk, total_time),
     )
@@ -216,11 +220,17 @@ def compare(runs: Mapping[str, Any], ground_truth: Any = None) -> pd.DataFrame:
         ``sample`` stored the target's), a :class:`~neutra_flows.Target` with
         known truth, or a pair ``(mean_dict, std_dict)`` keyed like the
         posterior's variables (either may be ``None``). Variables missing from
-        the truth are skipped in the truth columns.
+        the truth are skipped in the truth columns; a given truth that names
+        none of the runs' variables is an error.
 
     Returns:
       A ``pandas.DataFrame`` indexed by label with the columns of
       :data:`COMPARE_COLUMNS` (the truth columns only when some run has a truth).
+
+    Raises:
+      ValueError: ``runs`` is not a non-empty mapping of InferenceData (a bare
+        InferenceData included: pass ``{"label": idata}``); ``ground_truth`` is
+        malformed or names none of the runs' variables.
 
     Example:
 
@@ -237,9 +247,19 @@ def compare(runs: Mapping[str, Any], ground_truth: Any = None) -> pd.DataFrame:
     # with the package: ``import neutra_flows`` should not pay for them.
     import pandas as pd
 
-    if not isinstance(runs, Mapping) or not runs:
-        raise ValueError("runs must be a non-empty dict {label: InferenceData}")
+    # An InferenceData is itself a mapping (of groups): say what was meant.
+    if hasattr(runs, "posterior") or not isinstance(runs, Mapping) or not runs:
+        raise ValueError(
+            "runs must be a non-empty mapping {label: InferenceData}, e.g. compare({'NeuTra': idata}); "
+            f"got {'an InferenceData' if hasattr(runs, 'posterior') else type(runs).__name__}"
+        )
+    for label, idata in runs.items():
+        if not hasattr(idata, "posterior"):
+            raise ValueError(f"runs[{label!r}] is a {type(idata).__name__}, not an InferenceData with a "
+                             "posterior group: runs must be a mapping {label: InferenceData}")
     common = _as_truth(ground_truth)
+    if common is not None:
+        _check_truth_names(common, {name for idata in runs.values() for name in idata.posterior.data_vars})
     rows = {}
     for label, idata in runs.items():
         truth = common if common is not None else _truth_from_attrs(idata)
@@ -247,3 +267,30 @@ def compare(runs: Mapping[str, Any], ground_truth: Any = None) -> pd.DataFrame:
     table = pd.DataFrame.from_dict(rows, orient="index")
     columns = [c for c in COMPARE_COLUMNS if c in table.columns]
     return table[columns]
+
+
+def _check_truth_names(truth: tuple[dict | None, dict | None], variables: set[str]) -> None:
+    """Refuses a given ground truth none of whose names is a variable of any run (no truth column)."""
+    names = {str(k) for part in truth if part is not None for k in part}
+    if names and not names & variables:
+        raise ValueError(
+            f"ground_truth names {sorted(names)}, but the runs' posterior variables are "
+            f"{sorted(variables)}: none matches, so no bias or std column could be computed. Key the "
+            "truth by the posterior's variable names (those of target.named_draws)"
+        )
+
+
+def phase_times(idata: Any) -> dict[str, float]:
+    """``{phase: seconds}`` of a :func:`~neutra_flows.sample` run, in the order they ran.
+
+    Read from ``attrs["phase_times"]``; a run made before it was recorded gets
+    what its other attrs say (training, compilation, warm-up, sampling).
+    """
+    import json
+
+    recorded = _attr(idata, "phase_times")
+    if recorded is not None:
+        return {str(k): float(v) for k, v in json.loads(recorded).items()}
+    names = {"flow_training_time": "training", "compile_time": "compilation", "warmup_time": "warm-up",
+             "sampling_time": "sampling"}
+    return {phase: float(_attr(idata, key)) for key, phase in names.items() if _attr(idata, key) is not None}

@@ -96,6 +96,25 @@ def _check_target_folder(path: Path, overwrite: bool) -> None:
     for name in (_CONFIG_FILE, _WEIGHTS_FILE):
         if (path / name).is_dir():
             raise ValueError(f"{path / name} is a folder; refusing to replace it")
+    if (path / _CONFIG_FILE).exists():
+        _check_own_header(path / _CONFIG_FILE)
+
+
+def _check_own_header(config: Path) -> None:
+    """Refuses to overwrite a ``flow.json`` that save_flow did not write (a user's own file)."""
+    try:
+        with open(config, encoding="utf-8") as f:
+            header = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{config} is not a saved flow's header (unreadable: {err}); refusing to overwrite it. "
+            "Save the flow to another folder, or remove that file yourself"
+        ) from err
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise ValueError(
+            f"{config} is not a saved flow's header (its \"format\" is not {FORMAT_NAME!r}); refusing to "
+            "overwrite it. Save the flow to another folder, or remove that file yourself"
+        )
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:
@@ -125,8 +144,11 @@ def save_flow(flow: tfb.Bijector, path: str | os.PathLike, *, overwrite: bool = 
 
     Raises:
       ValueError: the flow has no ``flow_config``; `path` exists and is not a
-        replaceable folder.
+        replaceable folder (a file, a folder with other files but no
+        ``flow.json``, or one whose ``flow.json`` is not a saved flow's header).
       FileExistsError: `path` exists and ``overwrite`` is False.
+      OSError: `path` cannot be written (e.g. ``PermissionError``); the message
+        names `path`, the original error is its ``__cause__``.
     """
     config = getattr(flow, "flow_config", None)
     if not isinstance(config, dict):
@@ -134,6 +156,21 @@ def save_flow(flow: tfb.Bijector, path: str | os.PathLike, *, overwrite: bool = 
     path = Path(path)
     _check_target_folder(path, overwrite)
     values = [np.asarray(v.numpy()) for v in flow.variables]
+    try:
+        _write(path, config, values)
+    except OSError as err:
+        # The error would name the hidden temporary folder, not the one the user gave.
+        message = f"save_flow could not write the flow to {path}: {err.strerror or err}"
+        try:
+            renamed = type(err)(message) if err.errno is None else type(err)(err.errno, message)
+        except TypeError:
+            renamed = OSError(message)
+        raise renamed from err
+    return path
+
+
+def _write(path: Path, config: dict[str, Any], values: list[np.ndarray]) -> None:
+    """Writes the two files into a temporary sibling of ``path`` and moves them into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write into a sibling temporary folder and rename it into place, so a crash
     # never leaves a half-written flow at `path`.
@@ -155,7 +192,6 @@ def save_flow(flow: tfb.Bijector, path: str | os.PathLike, *, overwrite: bool = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def _read_header(path: Path) -> dict[str, Any]:

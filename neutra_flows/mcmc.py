@@ -49,6 +49,13 @@ The returned :class:`arviz.InferenceData` holds
     ChEES or fixed trajectory length, NaN for NUTS), ``mean_leapfrog_steps``,
     ``max_tree_depth`` (NUTS), ``adaptation``, ``target``, ``dtype``, and
     ``ground_truth`` (JSON ``{"mean": ..., "std": ...}``) when the target knows it.
+    Where the time went: ``phase_times`` (JSON ``{phase: seconds}`` in order:
+    a given ``FitResult``'s ``whitening``, ``training`` and ``diagnostics``, or
+    ``flow="adapt"``'s ``whitening`` and ``training`` (its start); then
+    ``set-up``, ``compilation``, ``warm-up``, ``refits``, ``sampling``,
+    ``assembly`` and ``other``), ``time_to_first_draw`` (seconds from the call
+    to the first kept draw) and ``total_time`` (to the return), both with a
+    given ``FitResult``'s ``total_time`` added and every compilation included.
 
 A *gradient evaluation* is one leapfrog step of one chain. The one gradient per
 chain computed at bootstrap and the lp re-evaluation for ``sample_stats`` are not
@@ -131,6 +138,19 @@ def _target_accept_prob(value: float | None) -> float:
     if not 0.0 < value < 1.0:
         raise ValueError(f"target_accept_prob must lie in (0, 1), got {value}")
     return value
+
+
+def _step_size(value: Any) -> float | None:
+    """``value`` as a positive finite float, or None (the default step size), else ``ValueError``."""
+    if value is None:
+        return None
+    try:
+        step = float(value)
+    except (TypeError, ValueError):
+        step = math.nan
+    if isinstance(value, (bool, np.bool_)) or not (math.isfinite(step) and step > 0):
+        raise ValueError(f"step_size must be a positive finite float or None (the default), got {value!r}")
+    return step
 
 
 def _default_step_size(event_size: int) -> float:
@@ -763,16 +783,41 @@ def _check_trace_size(num_chains: int, num_samples: int, thin: int, d: int, dtyp
         )
     if max_trace_bytes is None:
         return
-    kept = num_samples // thin
-    size = num_chains * kept * (2 * d + _TRACE_STATS) * tf.as_dtype(dtype).size
-    if size > max_trace_bytes:
-        suggestion = max(2, math.ceil(size / max_trace_bytes)) * thin
-        raise ValueError(
-            f"the trace would take about {size / 2**30:.2f} GiB ({num_chains} chains x {kept} kept draws x "
-            f"(2 x {d} values + {_TRACE_STATS} statistics) x {tf.as_dtype(dtype).size} bytes), above "
-            f"max_trace_bytes = {max_trace_bytes / 2**30:.2f} GiB. Keep fewer draws (thin={suggestion}, "
-            "fewer num_samples or chains) or raise max_trace_bytes (None disables the check)"
-        )
+    if isinstance(max_trace_bytes, (bool, np.bool_)) or not isinstance(max_trace_bytes, (int, np.integer)) \
+            or max_trace_bytes < 1:
+        raise ValueError(f"max_trace_bytes must be a positive int (bytes) or None (no limit), got "
+                         f"{max_trace_bytes!r}")
+    kept, itemsize = num_samples // thin, tf.as_dtype(dtype).size
+    per_draw = num_chains * (2 * d + _TRACE_STATS) * itemsize
+    size = kept * per_draw
+    if size <= max_trace_bytes:
+        return
+    fits = int(max_trace_bytes) // per_draw  # kept draws per chain within the limit
+    if fits >= 1:
+        # The smallest thin that divides num_samples and keeps at most `fits` draws.
+        suggestion = min(t for t in _divisors(num_samples) if num_samples // t <= fits)
+        advice = (f"Keep fewer draws (thin={suggestion} keeps {num_samples // suggestion} per chain; or "
+                  "fewer num_samples or chains) or raise max_trace_bytes")
+    else:
+        advice = (f"Even one kept draw per chain takes {_bytes(per_draw)}: run fewer chains or raise "
+                  "max_trace_bytes")
+    raise ValueError(
+        f"the trace would take about {_bytes(size)} ({num_chains} chains x {kept} kept draws x "
+        f"(2 x {d} values + {_TRACE_STATS} statistics) x {itemsize} bytes), above "
+        f"max_trace_bytes = {_bytes(max_trace_bytes)}. {advice} (None disables the check)"
+    )
+
+
+def _divisors(n: int) -> list[int]:
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    return sorted(set(small + [n // k for k in small]))
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def _chunks(total: int, size: int) -> list[int]:
@@ -890,7 +935,8 @@ def sample(
         ``Uniform(-2, 2)^d`` like Stan. NeuTra pulls a given ``init_state`` back
         with ``flow.inverse`` once.
       progress: a tqdm bar over chunks of the compiled loop.
-      jit_compile: XLA-compile the loop (``tf.function(jit_compile=True)``).
+      jit_compile: XLA-compile the loop (``tf.function(jit_compile=True)``), and
+        with flow adaptation its start's ``fit`` and its refits.
       flow: ... or ``"adapt"``: a fresh flow (RealNVP by default) trained on the
         chains' own draws during the warm-up; see ``adapt_flow``.
       adapt_flow: ``True`` or a :class:`~neutra_flows.adaptation.FlowAdaptation`
@@ -938,8 +984,10 @@ def sample(
 
     Raises:
       ValueError: on a bad argument, a flow whose event size differs from the
-        target's, or a start (given or drawn) where the point or the target's
-        log density is not finite.
+        target's, a start (given or drawn) where the point or the target's
+        log density is not finite, or (flow adaptation) a start whose short
+        ``fit`` gave up on non-finite losses. ``max_trace_bytes`` and
+        ``init_state`` are checked before any flow is built or trained.
 
     The seed is used as ``init_seed, run_seed = split_seed(seed)``: the starts come
     from ``init_seed`` (``NeuTraKernel.init_chains(num_chains, seed=init_seed)``
@@ -947,24 +995,26 @@ def sample(
     ``tfp.mcmc.sample_chain(num_samples, ..., num_burnin_steps=num_warmup,
     seed=run_seed)`` would with a ``NeuTraKernel(num_adaptation_steps=num_warmup)``.
     """
+    called = time.perf_counter()
     settings = _Settings.check(
         target, kernel=kernel, num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
         seed=seed, step_size=step_size, target_accept_prob=target_accept_prob,
         num_leapfrog_steps=num_leapfrog_steps, max_tree_depth=max_tree_depth, thin=thin,
         jit_compile=jit_compile, progress=progress, strategy=strategy)
-    bijector, training_time, adapter = _resolve_flow(target, flow, adapt_flow, settings)
+    # Checked before the flow is resolved: flow="adapt" spends seconds on its start.
     _check_trace_size(num_chains, num_samples, settings.thin, int(target.event_size), target.dtype,
                       max_trace_bytes)
+    z_given = _given_start(target, init_state, num_chains)
+    bijector, training_time, adapter = _resolve_flow(target, flow, adapt_flow, settings)
     if strategy is not None:
         _check_sharding(strategy, bijector, num_chains)
-    z_given = _given_start(target, init_state, num_chains)
     if bijector is None:
         plan = _baseline_plan(target, settings, z_given)
     else:
         plan = _neutra_plan(target, bijector, settings, z_given, adapt_latent_scale, adapter)
     _check_sampler_start(plan.results)
     run = _run(plan, settings)
-    idata = _assemble(plan, settings, run, flow, training_time)
+    idata = _assemble(plan, settings, run, flow, training_time, called=called, adapter=adapter)
     return (idata, bijector) if return_flow else idata
 
 
@@ -1002,9 +1052,8 @@ class _Settings:
             num_chains=check_positive_int(num_chains, "num_chains"),
             num_warmup=check_positive_int(num_warmup, "num_warmup", minimum=0),
             num_samples=check_positive_int(num_samples, "num_samples"),
-            seed=seed, init_seed=init_seed, run_seed=run_seed, step_size=step_size,
-            target_accept_prob=(_DEFAULT_TARGET_ACCEPT_PROB if target_accept_prob is None
-                                else target_accept_prob),
+            seed=seed, init_seed=init_seed, run_seed=run_seed, step_size=_step_size(step_size),
+            target_accept_prob=_target_accept_prob(target_accept_prob),
             num_leapfrog_steps=num_leapfrog_steps,
             max_tree_depth=check_positive_int(max_tree_depth, "max_tree_depth"),
             thin=check_positive_int(thin, "thin"),
@@ -1053,7 +1102,7 @@ def _resolve_flow(target, flow, adapt_flow, settings):
         raise ValueError("adapt_flow needs a flow to refine, or flow='adapt' to start from a fresh one")
     adapter = FlowAdapter(target, bijector, config=config, num_warmup=settings.num_warmup,
                           num_chains=settings.num_chains, seed=settings.init_seed,
-                          trained=training_time is not None)
+                          trained=training_time is not None, jit_compile=settings.jit_compile)
     return adapter.flow, training_time, adapter
 
 
@@ -1156,6 +1205,9 @@ class _RunRecord:
     grads_sampling: int
     divs_warmup: int
     divs_sampling: int
+    # perf_counter() when compilation began and when the first kept draw was out.
+    compile_started: float = math.nan
+    first_draw_at: float = math.nan
 
 
 # Always this many chunks (a few ms of dispatch each), so the progress bar never
@@ -1188,7 +1240,7 @@ def _run(plan: _Plan, s: _Settings) -> _RunRecord:
         z0, results = advance.start(z0, plan.u0)
         rescale = advance.rescale_latent
 
-    start = time.perf_counter()
+    start = compile_started = time.perf_counter()
     # Compiles (and runs zero steps) so compile time stays out of the phases' times.
     advance(z0, results, loop_seed, tf.constant(0, tf.int32), tf.constant(1, tf.int32))
     compile_time = time.perf_counter() - start
@@ -1201,7 +1253,7 @@ def _run(plan: _Plan, s: _Settings) -> _RunRecord:
     if bar is not None:
         bar.set_description(f"{plan.sampler} sampling")
     start = time.perf_counter()
-    state, results, pieces, grads_sampling, divs_sampling = _draw(
+    state, results, pieces, grads_sampling, divs_sampling, first_draw_at = _draw(
         advance, state, results, loop_seed, sample_chunks, s.thin, bar)
     sampling_time = time.perf_counter() - start
     if bar is not None:
@@ -1211,12 +1263,16 @@ def _run(plan: _Plan, s: _Settings) -> _RunRecord:
     z, stats = _trace(pieces, plan.target)
     return _RunRecord(z=z, stats=stats, results=results, compile_time=compile_time, warmup_time=warmup_time,
                       sampling_time=sampling_time, grads_warmup=grads_warmup, grads_sampling=grads_sampling,
-                      divs_warmup=divs_warmup, divs_sampling=divs_sampling)
+                      divs_warmup=divs_warmup, divs_sampling=divs_sampling, compile_started=compile_started,
+                      first_draw_at=first_draw_at)
 
 
-def _assemble(plan: _Plan, s: _Settings, run: _RunRecord, flow: Any, training_time) -> Any:
+def _assemble(plan: _Plan, s: _Settings, run: _RunRecord, flow: Any, training_time, *, called: float,
+              adapter: Any = None) -> Any:
     """The InferenceData with its attrs, and the warnings a user must see."""
     import arviz as az  # ~1 s of import time: only when sampling
+
+    assembly_started = time.perf_counter()
 
     attrs = _attrs(plan, s, run)
     if training_time is not None:
@@ -1234,7 +1290,41 @@ def _assemble(plan: _Plan, s: _Settings, run: _RunRecord, flow: Any, training_ti
     for group in (idata.posterior, idata.sample_stats):
         group.attrs.update(attrs)
     _warn_if_not_converged(idata, plan.sampler, target_name, run_kind)
+    timing = _phase_times(run, flow, adapter, called=called, assembly_started=assembly_started)
+    for group in (idata.posterior, idata.sample_stats):
+        group.attrs.update(timing)
     return idata
+
+
+def _phase_times(run: _RunRecord, flow: Any, adapter: Any, *, called: float, assembly_started: float) -> dict:
+    """``phase_times`` (JSON, seconds per phase in order), ``time_to_first_draw`` and ``total_time``.
+
+    Both times run from the call to ``sample``, plus a given ``FitResult``'s own
+    seconds (the flow's training is part of the user's wait); every compilation
+    is in them. ``"set-up"`` is the checks, the kernel and the chains' starts.
+    """
+    phases: dict[str, float] = {}
+    fitted = dict(getattr(flow, "phase_times", None) or {})
+    if not fitted and hasattr(flow, "wall_time"):
+        fitted = {"training": float(flow.wall_time)}
+    before = sum(fitted.values())
+    phases.update(fitted)
+    start_times = dict(getattr(adapter, "start_times", None) or {})
+    for name, seconds in start_times.items():
+        phases[name] = phases.get(name, 0.0) + seconds
+    refits = float(getattr(adapter, "wall_time", 0.0) or 0.0)
+    phases["set-up"] = max(0.0, run.compile_started - called - sum(start_times.values()))
+    phases["compilation"] = run.compile_time
+    phases["warm-up"] = max(0.0, run.warmup_time - refits)
+    if refits:
+        phases["refits"] = refits
+    phases["sampling"] = run.sampling_time
+    end = time.perf_counter()
+    phases["assembly"] = end - assembly_started
+    # What no phase timer saw (between the phases: chunk dispatch, trace copies).
+    phases["other"] = max(0.0, end - called - (sum(phases.values()) - before))
+    return dict(phase_times=json.dumps(phases), time_to_first_draw=before + run.first_draw_at - called,
+                total_time=before + end - called)
 
 
 # What to do about divergences and about unconverged chains, by run kind.
@@ -1396,19 +1486,23 @@ class _LatentScaleWindow:
 
 def _draw(advance, state, results, loop_seed, chunks, thin: int, bar):
     """The sampling chunks, keeping every ``thin``-th draw. Returns
-    ``(state, results, pieces, gradients, divergences)``."""
+    ``(state, results, pieces, gradients, divergences, perf_counter() at the first kept draw)``."""
     thin_t = tf.constant(thin, tf.int32)
     pieces: list[dict[str, np.ndarray]] = []
     grads = divs = 0
+    first_draw_at = math.nan
     for n in chunks:
         state, results, loop_seed, g, v, buffers = advance(
             state, results, loop_seed, tf.constant(n, tf.int32), thin_t)
         grads += int(g)
         divs += int(v)
         pieces.append({k: b.numpy()[: n // thin] for k, b in buffers.items() if k not in _WARMUP_ONLY})
+        if not pieces[1:]:
+            # A chunk's draws reach the caller together: its first is out when it returns.
+            first_draw_at = time.perf_counter()
         if bar is not None:
             bar.update(n)
-    return state, results, pieces, grads, divs
+    return state, results, pieces, grads, divs, first_draw_at
 
 
 # Buffers only the warm-up's hooks read (the flow adaptation), never kept in the trace.

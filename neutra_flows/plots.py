@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_draws_2d", "plot_trace", "plot_ess_per_gradient", "plot_loss", "flat_draws"]
+__all__ = ["plot_draws_2d", "plot_trace", "plot_ess_per_gradient", "plot_phase_times", "plot_loss",
+           "flat_draws"]
 
 
 def _plt():
@@ -170,6 +171,52 @@ def plot_ess_per_gradient(table: Any, *, column: str = "ess_per_grad", ax: Any =
     ax.set_ylabel(column.replace("_", " "))
     for k, v in enumerate(values):
         ax.annotate(f"{v:.3g}", (k, v if v > 0 else 1e-6), ha="center", va="bottom", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+# One colour per phase, the same in every figure.
+_PHASE_COLOURS = {"whitening": "C4", "training": "C1", "diagnostics": "C5", "set-up": "C7", "compilation": "C3",
+                  "warm-up": "C0", "refits": "C6", "sampling": "C2", "assembly": "C8", "other": "C9"}
+
+
+def plot_phase_times(runs: Any, *, ax: Any = None):
+    """Where each run's seconds went: one horizontal stacked bar per run.
+
+    Args:
+      runs: ``{label: arviz.InferenceData}`` from :func:`neutra_flows.sample`
+        (each bar's segments are its ``attrs["phase_times"]``, see
+        :func:`neutra_flows.diagnostics.phase_times`), or ``{label: {phase:
+        seconds}}``.
+      ax: a matplotlib axis to draw on.
+    """
+    from neutra_flows.diagnostics import phase_times
+
+    plt = _plt()
+    # An InferenceData has items() too: its groups.
+    if not hasattr(runs, "items") or hasattr(runs, "posterior"):
+        raise ValueError(f"runs must be a mapping {{label: InferenceData}}, got {type(runs).__name__}")
+    labels = list(runs)
+    phases = {label: dict(runs[label]) if isinstance(runs[label], dict) else phase_times(runs[label])
+              for label in labels}
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.5, 0.6 * len(labels) + 1.6))
+    else:
+        fig = ax.figure
+    seen: list[str] = []
+    for row, label in enumerate(labels):
+        left = 0.0
+        for phase, seconds in phases[label].items():
+            colour = _PHASE_COLOURS.get(phase, "0.5")
+            ax.barh(row, seconds, left=left, color=colour, label=None if phase in seen else phase)
+            seen.append(phase)
+            left += seconds
+        ax.annotate(f"{left:.1f} s", (left, row), xytext=(3, 0), textcoords="offset points", va="center",
+                    fontsize="small")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds (all-in: from the call to the last draw)")
+    ax.legend(fontsize="small", ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25 - 0.05 * len(labels)))
     fig.tight_layout()
     return fig
 

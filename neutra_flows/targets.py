@@ -153,6 +153,13 @@ class Target:
         >>> t = Target.from_joint_distribution(jd.experimental_pin(y=0.3))
         >>> t.event_size, t.names
         (1, ('scale',))
+
+        Raises:
+          ValueError: ``jd`` is not a joint distribution; a latent variable is
+            discrete (an integer or boolean dtype, or no default event-space
+            bijector: ``Poisson``, ``Bernoulli``, ``Categorical``), or the model
+            is batched (a batch shape other than ``[]``); the message names the
+            variable.
         """
         needed = ("experimental_default_event_space_bijector", "event_shape", "dtype")
         missing = [a for a in needed if not hasattr(jd, a)]
@@ -162,9 +169,10 @@ class Target:
                 f"experimental_pin); {type(jd).__name__} lacks {missing}"
             )
         names = _layout.variable_names(jd.dtype, lambda: _resolved_names(jd))
+        _check_jd_latents(jd, names)
         log_prob = getattr(jd, "unnormalized_log_prob", None) or jd.log_prob
         log_prob, event_shape, dtype, bijector = _as_structure(
-            log_prob, jd.event_shape, jd.dtype, jd.experimental_default_event_space_bijector()
+            log_prob, jd.event_shape, jd.dtype, _event_space_bijector(jd)
         )
         return cls(
             log_prob,
@@ -325,6 +333,62 @@ def _as_structure(log_prob_fn: Callable, event_shape: Any, dtype: Any, bijector:
         return log_prob_fn(x[0])
 
     return first, [tf.TensorShape(event_shape)], [dtype], tfb.JointMap([bijector])
+
+
+_CONTINUOUS_ONLY = (
+    "a Target's variables must be continuous (NeuTra moves them along gradients): pin it to "
+    "observed data with jd.experimental_pin, or sum it out of the model (e.g. tfd.MixtureSameFamily "
+    "over its values)"
+)
+
+
+def _check_jd_latents(jd: Any, names: Sequence[str]) -> None:
+    """Refuses integer or boolean latents and batched models, naming the variable, before TFP trips on them."""
+    for name, dtype in zip(names, tf.nest.flatten(jd.dtype), strict=False):
+        if not tf.as_dtype(dtype).is_floating:
+            raise ValueError(
+                f"from_joint_distribution: the latent variable {name!r} is discrete "
+                f"({tf.as_dtype(dtype).name}); {_CONTINUOUS_ONLY}"
+            )
+    # An AutoBatched model has one batch shape; the others one per variable.
+    shapes = jd.batch_shape
+    named = zip(names, tf.nest.flatten(shapes), strict=False) if tf.nest.is_nested(shapes) else [(None, shapes)]
+    for name, shape in named:
+        shape = tf.TensorShape(shape)
+        if shape.rank is not None and shape.rank > 0:
+            what = "the model" if name is None else f"the variable {name!r}"
+            raise ValueError(
+                f"from_joint_distribution: {what} has batch shape {shape.as_list()}, so the model is a "
+                "batch of independent models, not one target. Make the batch part of the event: "
+                "tfd.Sample(..., n) or tfd.Independent(..., reinterpreted_batch_ndims=1), or use a "
+                "JointDistribution*AutoBatched with batch_ndims=0"
+            )
+
+
+def _event_space_bijector(jd: Any) -> tfb.Bijector:
+    """``jd``'s default event-space bijector; a ``ValueError`` naming a latent that has none."""
+    try:
+        return jd.experimental_default_event_space_bijector()
+    except AttributeError as err:
+        # TFP builds its joint bijector from every part's, and a discrete part
+        # (Poisson, Bernoulli of floats) has None: name the culprit instead.
+        discrete = _latents_without_bijector(jd)
+        if not discrete:
+            raise
+        raise ValueError(
+            f"from_joint_distribution: the latent variable(s) {', '.join(discrete)} are discrete (no "
+            f"default event-space bijector); {_CONTINUOUS_ONLY}"
+        ) from err
+
+
+def _latents_without_bijector(jd: Any) -> list[str]:
+    """``"name (Distribution)"`` of each unpinned part of ``jd`` without an event-space bijector."""
+    base = getattr(jd, "distribution", jd)
+    pins = getattr(jd, "pins", None) or {}
+    parts, _ = base.sample_distributions(seed=(0, 0))
+    return [f"{name!r} ({type(part).__name__})"
+            for name, part in zip(base._flat_resolve_names(), base._model_flatten(parts), strict=True)
+            if name not in pins and part.experimental_default_event_space_bijector() is None]
 
 
 def _resolved_names(jd: Any) -> list[str] | None:

@@ -65,6 +65,7 @@ import tensorflow_probability as tfp
 import tf_keras
 
 from neutra_flows import _distribute
+from neutra_flows._timing import Laps
 from neutra_flows._training import (
     ChunkReport,
     ResilientLoop,
@@ -161,6 +162,11 @@ class FitResult:
       stop_reason: why training stopped (the stopping rule, or the budget).
       num_grad_evals: target gradient evaluations spent: whitening, training
         (steps x batch) and the diagnostic draws. The honest cost of the flow.
+      phase_times: seconds per phase, compilation included: ``"whitening"``,
+        ``"training"`` (with the checks of the first points) and
+        ``"diagnostics"`` (the fresh draws for the ELBO and k-hat).
+      total_time: seconds from the call to the return (the phases' sum, and
+        what :func:`~neutra_flows.sample` counts as the flow's training time).
     """
 
     flow: tfb.Bijector
@@ -179,6 +185,8 @@ class FitResult:
     whitening: Any = None
     stop_reason: str = ""
     num_grad_evals: int = 0
+    phase_times: dict[str, float] = field(default_factory=dict)
+    total_time: float = math.nan
 
     def __post_init__(self):
         # Done here rather than in fit: every FitResult's surrogate samples statelessly.
@@ -517,9 +525,10 @@ def fit(
     notes: list[str] = []
 
     # Whitening: a Gaussian written into the flow's whitening layer, then frozen.
-    whiten_start = time.perf_counter()
+    laps = Laps()
     gaussian, variables = _whiten(target, flow, variables, whiten, seed, notes)
-    whiten_time = time.perf_counter() - whiten_start
+    laps.lap("whitening")
+    whiten_time = laps.seconds["whitening"]
     skipped_reason = _gaussian_suffices(gaussian) if skip_training_if_gaussian else ""
     if skipped_reason:
         num_steps = 0
@@ -541,8 +550,10 @@ def fit(
         )
     wall_time = time.perf_counter() - start + whiten_time
 
+    laps.lap("training")
     # Diagnostics on fresh draws, and the result.
     diagnostics = _diagnose(terms, diag_seed, num_diagnostic_draws)
+    laps.lap("diagnostics")
     notes.extend(diagnostics.notes)
     surrogate = tfd.TransformedDistribution(
         base, tfb.Chain([target.constraining_bijector, flow]), name=f"{target.name}_surrogate"
@@ -565,6 +576,8 @@ def fit(
         stop_reason=stop_reason,
         num_grad_evals=(0 if gaussian is None else gaussian.num_grad_evals) + len(losses) * batch_size
         + num_diagnostic_draws,
+        phase_times=laps.seconds,
+        total_time=laps.total,
     )
 
 

@@ -54,6 +54,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
 
+from neutra_flows._timing import Laps
 from neutra_flows._utils import as_seed, check_positive_int, split_seed
 
 tfd = tfp.distributions
@@ -95,6 +96,9 @@ class GaussianFit:
       notes: what happened (no MAP, failed searches, candidates' ELBOs).
       khat: the winner's PSIS k-hat on the fresh draws: below 0.5 the Gaussian
         is already a good approximation of the posterior.
+      phase_times: seconds per stage (``"map search"``, ``"laplace"``,
+        ``"scoring"`` (the candidates' ELBO and k-hat), ``"dadvi"``), each
+        including its compilation.
     """
 
     loc: np.ndarray
@@ -106,6 +110,7 @@ class GaussianFit:
     num_grad_evals: int
     notes: list[str] = field(default_factory=list)
     khat: float = math.nan
+    phase_times: dict[str, float] = field(default_factory=dict)
 
 
 class _Counter:
@@ -366,16 +371,18 @@ def fit_gaussian(
     if num_fixed_draws is None:
         num_fixed_draws = max(32, 2 * d) if dadvi_full_rank else 32
     map_seed, draw_seed, elbo_seed = split_seed(seed, 3)
-    counter, notes = _Counter(), []
+    counter, notes, laps = _Counter(), [], Laps()
 
     try:
         z_map, _ = _find_map(target, map_seed, max(1, num_starts), counter, notes)
+        laps.lap("map search")
         laplace = None if z_map is None else _laplace_tril(target, z_map, counter, notes)
     except (tf.errors.OpError, ValueError, np.linalg.LinAlgError) as err:
         # A failed search is a note, never a crash: the other candidates remain.
         notes.append(f"MAP search failed ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
                      "whitening goes on without it")
         z_map = laplace = None
+    laps.lap("laplace")
     if laplace is None:
         # No mode (a hierarchical model, a funnel): a Gaussian fitted without one
         # sits in the neck and is a worse start for the flow than none (the
@@ -387,8 +394,9 @@ def fit_gaussian(
         # draws missed the tail and put k-hat under 0.5.
         elbo, elbo_se, khat = _fresh_elbo(target, np.zeros(d), np.eye(d), elbo_seed, counter,
                                           max(num_elbo_draws, _ELBO_DRAWS))
+        laps.lap("scoring")
         return GaussianFit(np.zeros(d), np.eye(d), "identity (no MAP)", elbo, elbo_se, False, counter.n,
-                           notes, khat=khat)
+                           notes, khat=khat, phase_times=laps.seconds)
     u_fixed = tf.random.stateless_normal([num_fixed_draws, d], draw_seed, dtype=dtype)
 
     # N(0, I) competes too: on a funnel the fixed-draw Gaussian is narrower than
@@ -402,12 +410,13 @@ def fit_gaussian(
     if dadvi == "when_needed":
         scored = {k: _fresh_elbo(target, loc, tril, elbo_seed, counter, num_elbo_draws)
                   for k, (loc, tril) in candidates.items()}
+        laps.lap("scoring")
         elbo, elbo_se, khat = scored["laplace"]
         if khat < _LAPLACE_GOOD_KHAT and elbo >= scored["identity"][0]:
             notes.append(f"Laplace fit: ELBO {elbo:.4g} +/- {elbo_se:.2g}, PSIS k-hat {khat:.2f} < "
                          f"{_LAPLACE_GOOD_KHAT}: DADVI not needed")
             return GaussianFit(np.asarray(z_map, np.float64), laplace, "laplace", elbo, elbo_se, True,
-                               counter.n, notes, khat=khat)
+                               counter.n, notes, khat=khat, phase_times=laps.seconds)
         starts = {"laplace": starts["laplace"]}
     thetas0 = np.stack([_pack(loc0, tril0 if dadvi_full_rank else np.diag(np.sqrt(np.sum(tril0**2, -1))),
                               dadvi_full_rank)
@@ -423,9 +432,11 @@ def fit_gaussian(
             continue
         loc, tril = _unpack(tf.constant(theta, tf.float64), d, dadvi_full_rank)
         candidates[f"dadvi from {label}"] = (loc.numpy(), tril.numpy())
+    laps.lap("dadvi")
 
     scored.update({k: _fresh_elbo(target, loc, tril, elbo_seed, counter, num_elbo_draws)
                    for k, (loc, tril) in candidates.items() if k not in scored})
+    laps.lap("scoring")
     if scored:
         notes.append("whitening candidates' ELBO: " + ", ".join(
             f"{k} {e:.4g} +/- {s:.2g}" for k, (e, s, _) in scored.items()))
@@ -433,12 +444,12 @@ def fit_gaussian(
     if not finite:
         notes.append("whitening failed (no candidate has a finite ELBO): the identity is used")
         return GaussianFit(np.zeros(d), np.eye(d), "identity", -math.inf, math.inf, laplace is not None,
-                           counter.n, notes, khat=math.inf)
+                           counter.n, notes, khat=math.inf, phase_times=laps.seconds)
     best = max(finite, key=lambda k: finite[k][0])
     loc, tril = candidates[best]
     elbo, elbo_se, khat = finite[best]
     return GaussianFit(np.asarray(loc, np.float64), np.asarray(tril, np.float64), best, elbo, elbo_se,
-                       laplace is not None, counter.n, notes, khat=khat)
+                       laplace is not None, counter.n, notes, khat=khat, phase_times=laps.seconds)
 
 
 def whitening_layer(flow: Any):

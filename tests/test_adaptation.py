@@ -196,10 +196,10 @@ def test_bench_adapt_mode_skips_vi_and_writes_its_outputs(tmp_path):
 
     result = run_benchmark("banana", adapt=True, flow="affine_tril", num_warmup=200, num_samples=100,
                            baseline=False, progress=False, log=None, out=tmp_path)
-    assert result.fit is None and list(result.idatas) == ["NeuTra-AFFINE_TRIL-ADAPT-HMC"]
+    assert result.fit is None and list(result.idatas) == ["NeuTra-ADAPT-HMC"]
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["fit"] is None and payload["settings"]["adapt"] is True
-    row = payload["table"]["NeuTra-AFFINE_TRIL-ADAPT-HMC"]
+    row = payload["table"]["NeuTra-ADAPT-HMC"]
     # The refits' gradients are counted: the draws' are the sampler's (free), 4 x 512 tail points.
     assert row["grad_evals_training"] == 4 * 512
     assert nf.load_flow(tmp_path / "flow").flow_config["name"] == "affine_tril"
@@ -236,11 +236,34 @@ def test_auto_start_fits_briefly_where_the_posterior_has_no_mode():
     attrs = {"flow_training_time": 1.0}
     adapter.report(attrs)
     assert adapter.start_time > 0 and attrs["flow_training_time"] == 1.0 + adapter.start_time
-    # A Gaussian has a mode: the whitening stage alone.
+    # A Gaussian has a mode: the whitening stage alone (here with the refits kept on).
     gaussian = _gaussian([1.0, 2.0], [3.0, 0.5])
-    adapter = FlowAdapter(gaussian, None, config=FlowAdaptation(), num_warmup=400, num_chains=2, seed=0)
+    adapter = FlowAdapter(gaussian, None, config=FlowAdaptation(gaussian_khat=None), num_warmup=400,
+                          num_chains=2, seed=0)
     assert adapter.whitening.khat < 0.5 and adapter.start == "auto"
     assert adapter.num_grad_evals == adapter.whitening.num_grad_evals
+    assert adapter.boundaries and adapter.flow.flow_config["name"] == "realnvp"
+
+
+def test_auto_start_samples_with_the_gaussian_where_it_passes_psis():
+    # The whitening stage's Gaussian passes PSIS: NeuTra samples with it (an affine flow
+    # holding the Laplace fit), no refit is planned, and the start's seconds are reported.
+    gaussian = _gaussian([1.0, 2.0], [3.0, 0.5])
+    adapter = FlowAdapter(gaussian, None, config=FlowAdaptation(), num_warmup=400, num_chains=2, seed=0)
+    assert adapter.whitening.method == "laplace" and adapter.whitening.khat < 0.5
+    assert adapter.boundaries == () and "whitening stage's Gaussian" in adapter.start
+    assert adapter.flow.flow_config["name"] in ("affine_tril", "affine_diag")
+    z = tf.constant([[0.5, -1.0]], tf.float64)
+    # The flow is the Gaussian: N(0, I) draws pushed through it are N(loc, diag(scale^2)).
+    np.testing.assert_allclose(adapter.flow.forward(tf.identity(tf.zeros([1, 2], tf.float64))), [[1.0, 2.0]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(adapter.flow.inverse(tf.identity(z)), [[(0.5 - 1.0) / 3.0, (-1.0 - 2.0) / 0.5]],
+                               rtol=1e-6)
+    attrs: dict = {}
+    adapter.report(attrs)
+    assert json.loads(attrs["flow_start_times"])["whitening"] > 0
+    with pytest.raises(ValueError, match="gaussian_khat"):
+        FlowAdaptation(gaussian_khat=0.0)
 
 
 def test_auto_start_fits_instead_where_the_draws_are_too_few(monkeypatch):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -210,3 +211,96 @@ def test_suite_checks_out_before_any_work(tmp_path, capsys):
     assert main(["suite", "--models", "kidiq-kidscore_interaction", "--out", str(blocker)]) == 2
     assert "--out" in capsys.readouterr().err
     assert blocker.read_text() == "mine"
+
+
+def _quick_bench_result(labels, seed=0):
+    """A BenchResult as run_benchmark returns it, without training or sampling (write_outputs' input)."""
+    import arviz as az
+
+    from neutra_flows import compare, make_flow, models
+    from neutra_flows.app.bench import BenchResult
+
+    rng = np.random.default_rng(seed)
+    idatas = {label: az.from_dict(posterior={"x": rng.normal(size=(2, 30, 2))}) for label in labels}
+    return BenchResult(table=compare(idatas), goals=[("a goal", None)], fit=None, idatas=idatas,
+                       settings={"flow": "identity", "seed": seed}, target=models.banana(2),
+                       flow=make_flow("identity", 2))
+
+
+def test_a_rerun_into_the_same_out_replaces_the_previous_run_and_keeps_the_users_files(tmp_path):
+    from neutra_flows.app.bench import write_outputs
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    first = write_outputs(_quick_bench_result(["NeuTra-IAF-HMC", "NUTS"]), out)
+    assert (out / "NUTS.nc").exists() and str(out / "NUTS.nc") in first
+    listed = json.loads((out / "results.json").read_text())["files"]
+    assert {"results.json", "flow", "NUTS.nc", "NeuTra-IAF-HMC.nc"} <= set(listed) and "notes.txt" not in listed
+    # The same folder again, without a baseline: its NUTS.nc would pass for this run's.
+    second = write_outputs(_quick_bench_result(["NeuTra-IAF-HMC"], seed=1), out)
+    names = set(os.listdir(out))
+    assert "NUTS.nc" not in names and (out / "notes.txt").read_text() == "mine"
+    assert names == set(json.loads((out / "results.json").read_text())["files"]) | {"notes.txt"}
+    assert {os.path.basename(p) for p in second} == names - {"notes.txt"}
+    assert json.loads((out / "results.json").read_text())["settings"]["seed"] == 1
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary folder left
+
+
+def test_an_interrupted_write_leaves_the_previous_run_untouched(tmp_path, monkeypatch):
+    from neutra_flows.app import bench
+
+    out = tmp_path / "run"
+    bench.write_outputs(_quick_bench_result(["NeuTra-IAF-HMC", "NUTS"]), out)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out) if (out / name).is_file()}
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "save_flow", interrupted)  # after the plots and netCDF were written
+    with pytest.raises(KeyboardInterrupt):
+        bench.write_outputs(_quick_bench_result(["NeuTra-IAF-HMC"], seed=1), out)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out) if (out / name).is_file()} == before
+    assert os.listdir(tmp_path) == ["run"]
+
+
+_START_UP_NOISE = ("absl", "cudart", "cuInit", "TensorFloat-32", "ArviZ is undergoing")
+
+
+def test_the_command_starts_without_tensorflow_chatter(tmp_path):
+    # As the console script runs it (argv[0] is the script), with everything that used to speak first:
+    # TensorFlow's libraries loading, its devices, tfp.mcmc (TF32) and arviz (daily, with a fresh cache).
+    script = ("import sys; sys.argv[0] = '/usr/bin/neutra-flows'\n"
+              "import neutra_flows, arviz, tensorflow as tf\n"
+              "tf.config.list_physical_devices('GPU')\n"
+              "from neutra_flows.app.cli import main\n"
+              "sys.exit(main(['list']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("arK-arK") and "funnel" in proc.stdout
+    assert [word for word in _START_UP_NOISE if word in proc.stderr] == [], proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv0, orig_argv, expected",
+    [("/usr/local/bin/neutra-flows", ["python", "/usr/local/bin/neutra-flows", "list"], True),
+     ("-m", ["python", "-m", "neutra_flows", "list"], True),
+     ("-m", ["python", "-X", "importtime", "-m", "neutra_flows.app.cli", "list"], True),
+     ("-m", ["python", "-m", "pytest", "-q"], False),
+     ("-c", ["python", "-c", "import neutra_flows"], False),
+     ("train.py", ["python", "train.py"], False)],
+    ids=["console_script", "module", "module_cli", "pytest", "dash_c", "user_script"])
+def test_only_the_command_is_quieted(argv0, orig_argv, expected, monkeypatch):
+    from neutra_flows import _quiet
+
+    monkeypatch.setattr(sys, "argv", [argv0])
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    assert _quiet.is_command() is expected
+    if not expected:
+        # A library import leaves the user's environment and warning filters as they were.
+        monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+        filters = list(warnings.filters)
+        _quiet.quiet_command_start()
+        assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ and warnings.filters == filters

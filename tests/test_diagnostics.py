@@ -159,3 +159,21 @@ def test_bad_arguments():
         compare({"x": np.zeros(3)})
     with pytest.raises(ValueError, match="ground_truth"):
         compare({"r": with_attrs({"x": iid_normal()})}, ground_truth=3.0)
+
+
+def test_a_bare_inference_data_is_refused_with_the_call_to_make():
+    idata = with_attrs({"x": iid_normal()})
+    with pytest.raises(ValueError, match=r"got an InferenceData") as info:
+        compare(idata)
+    assert "compare({'NeuTra': idata})" in str(info.value)
+    with pytest.raises(ValueError, match=r"runs\['a'\] is a Dataset"):
+        compare({"a": idata.posterior})
+
+
+def test_a_ground_truth_that_names_no_variable_is_an_error():
+    runs = {"a": with_attrs({"x": iid_normal()}), "b": with_attrs({"y": iid_normal()})}
+    with pytest.raises(ValueError, match=r"ground_truth names \['theta'\].*\['x', 'y'\]"):
+        compare(runs, ground_truth=({"theta": [0.0] * 3}, {"theta": [1.0] * 3}))
+    # One name matching one run is enough: the other run gets no truth columns (documented).
+    table = compare(runs, ground_truth=({"x": [0.0] * 3}, None))
+    assert table.loc["a", "max_abs_error_mcse"] < 5 and np.isnan(table.loc["b", "max_abs_error_mcse"])

@@ -209,6 +209,37 @@ def test_overwrite_refuses_a_foreign_folder(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("text", ['{"name": "my app config"}', "[1, 2]", "{not json"],
+                         ids=["foreign_json", "not_a_dict", "unparsable"])
+def test_overwrite_refuses_a_foreign_flow_json(text, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "flow.json").write_text(text)
+    with pytest.raises(ValueError, match="flow.json is not a saved flow's header"):
+        save_flow(make_flow("identity", 2), folder, overwrite=True)
+    assert (folder / "flow.json").read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+@pytest.mark.parametrize("fail_in", ["mkdtemp", "replace"])
+def test_unwritable_path_is_named_in_the_error(fail_in, tmp_path, monkeypatch):
+    # Tests run as root, where a read-only folder is still writable: make the OS refuse instead.
+    import neutra_flows.io as io
+
+    def refuse(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(io.tempfile if fail_in == "mkdtemp" else io.os, fail_in, refuse)
+    target = tmp_path / "flows" / "mine"
+    with pytest.raises(PermissionError, match="save_flow could not write the flow to") as info:
+        save_flow(make_flow("identity", 2), target)
+    assert str(target) in str(info.value) and "Permission denied" in str(info.value)
+    assert info.value.errno == 13 and isinstance(info.value.__cause__, PermissionError)
+    monkeypatch.undo()
+    # Nothing half-written is left behind: no hidden temporary folder, no flow.
+    assert [p.name for p in (tmp_path / "flows").iterdir()] == []
+
+
 def test_hand_built_flows_cannot_be_saved(tmp_path):
     flow = nfb.Flow([nfb.Identity()])
     with pytest.raises(ValueError, match="make_flow"):

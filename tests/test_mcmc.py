@@ -20,6 +20,7 @@ import tensorflow_probability as tfp
 
 from neutra_flows import Target, make_flow, models
 from neutra_flows._utils import split_seed
+from neutra_flows.diagnostics import phase_times
 from neutra_flows.mcmc import NeuTraKernel, sample
 
 tfb = tfp.bijectors
@@ -222,8 +223,33 @@ def test_fit_result_training_time_is_recorded(gaussian, gaussian_hmc):
     np.testing.assert_array_equal(idata.posterior["x"].values, gaussian_hmc.posterior["x"].values)
     row = compare({"r": idata}).loc["r"]
     attrs = idata.posterior.attrs
-    expected = 12.5 + attrs["compile_time"] + attrs["warmup_time"] + attrs["sampling_time"]
-    np.testing.assert_allclose(row["total_time"], expected)
+    # The all-in clock counts the flow's training, then every second of the call.
+    np.testing.assert_allclose(row["total_time"], attrs["total_time"])
+    assert attrs["total_time"] > 12.5 + attrs["compile_time"] + attrs["warmup_time"] + attrs["sampling_time"]
+    phases = phase_times(idata)
+    assert phases["training"] == 12.5 and list(phases)[0] == "training"
+    np.testing.assert_allclose(sum(phases.values()), attrs["total_time"], rtol=1e-9)
+    first = attrs["time_to_first_draw"]
+    assert 12.5 + attrs["compile_time"] + attrs["warmup_time"] < first < attrs["total_time"]
+    assert row["time_to_first_draw"] == attrs["time_to_first_draw"]
+
+
+def test_phase_times_add_up_to_the_all_in_clock(gaussian, gaussian_hmc):
+    # Every second of the call is in one phase, in the order they ran, and the
+    # stacked-bar picture draws them.
+    from neutra_flows.plots import plot_phase_times
+
+    attrs = gaussian_hmc.posterior.attrs
+    phases = phase_times(gaussian_hmc)
+    assert list(phases) == ["set-up", "compilation", "warm-up", "sampling", "assembly", "other"]
+    assert all(v >= 0 for v in phases.values())
+    assert phases["compilation"] == attrs["compile_time"] and phases["sampling"] == attrs["sampling_time"]
+    np.testing.assert_allclose(sum(phases.values()), attrs["total_time"], rtol=1e-9)
+    assert attrs["compile_time"] < attrs["time_to_first_draw"] < attrs["total_time"]
+    fig = plot_phase_times({"NeuTra": gaussian_hmc, "by hand": {"compilation": 1.0, "sampling": 2.0}})
+    assert len(fig.axes[0].patches) == len(phases) + 2
+    with pytest.raises(ValueError, match="mapping"):
+        plot_phase_times(gaussian_hmc)
 
 
 def test_user_init_state_is_pulled_back(gaussian):
@@ -498,3 +524,92 @@ def test_banana_trained_iaf_matches_truth():
         )
     check_truth(idata, target)
     assert int(idata.sample_stats["diverging"].sum()) < 0.005 * 16 * 1000
+
+
+# -- argument checks that come before any work -----------------------------------------------
+
+
+def _refuse_to_start_a_flow(monkeypatch):
+    """Makes any flow adaptation's start fail loudly: a check that must come first shows it did."""
+    import neutra_flows.mcmc as mcmc
+
+    def started(*_args, **_kwargs):
+        raise AssertionError("the flow adaptation started before the arguments were checked")
+
+    monkeypatch.setattr(mcmc, "FlowAdapter", started)
+
+
+def test_trace_size_and_init_state_are_checked_before_the_flow_adaptation_starts(monkeypatch):
+    _refuse_to_start_a_flow(monkeypatch)
+    target = models.correlated_gaussian(2, 0.5)
+    common = dict(num_chains=2, num_warmup=200, num_samples=100, seed=0, progress=False)
+    with pytest.raises(ValueError, match="above max_trace_bytes"):
+        sample(target, "adapt", max_trace_bytes=1000, **common)
+    with pytest.raises(ValueError, match=r"init_state must have shape \[num_chains, d\] = \[2, 2\]"):
+        sample(target, "adapt", init_state=np.zeros([3, 2]), **common)
+    with pytest.raises(ValueError, match="init_state: chain 0 starts at a non-finite point"):
+        sample(target, "adapt", init_state=np.full([2, 2], np.nan), **common)
+
+
+@pytest.mark.parametrize("limit", [0, -1, 2.5e9, True, "4GiB"])
+def test_max_trace_bytes_must_be_a_positive_int_or_none(limit):
+    with pytest.raises(ValueError, match="max_trace_bytes must be a positive int"):
+        sample(models.correlated_gaussian(2, 0.5), None, max_trace_bytes=limit, seed=0, progress=False)
+
+
+def test_trace_size_advice_suggests_a_thin_that_divides_num_samples():
+    from neutra_flows.mcmc import _check_trace_size
+
+    # 4 chains x (2 x 3 + 7) x 4 bytes = 208 bytes per kept draw; 100 draws = 20800 bytes.
+    with pytest.raises(ValueError, match=r"thin=4 keeps 25 per chain") as info:
+        _check_trace_size(4, 100, 1, 3, tf.float32, 208 * 30)  # 30 draws fit: thin 4 (25), not 3 (33)
+    assert "20.31 KiB" in str(info.value)
+    with pytest.raises(ValueError, match=r"thin=100 keeps 1 per chain"):
+        _check_trace_size(4, 100, 2, 3, tf.float32, 208)  # exactly one kept draw fits
+    # Not even one draw per chain fits: no thin can help, only fewer chains or a larger limit.
+    with pytest.raises(ValueError, match="one kept draw per chain takes 208 bytes: run fewer chains") as info:
+        _check_trace_size(4, 100, 1, 3, tf.float32, 207)
+    assert "thin=" not in str(info.value)
+    _check_trace_size(4, 100, 4, 3, tf.float32, 208 * 25)  # the suggestion passes
+
+
+@pytest.mark.parametrize("flow", [None, tfb.Identity()], ids=["baseline", "neutra"])
+@pytest.mark.parametrize(
+    "bad, match",
+    [(dict(target_accept_prob=1.5), "target_accept_prob must lie in"),
+     (dict(target_accept_prob=0.0), "target_accept_prob must lie in"),
+     (dict(step_size=-0.1), "step_size must be a positive finite float"),
+     (dict(step_size=float("nan")), "step_size must be a positive finite float"),
+     (dict(step_size="big"), "step_size must be a positive finite float")],
+    ids=["accept_1.5", "accept_0", "step_negative", "step_nan", "step_string"])
+def test_step_size_and_target_accept_prob_are_checked_for_every_sampler(flow, bad, match):
+    with pytest.raises(ValueError, match=match):
+        sample(models.correlated_gaussian(2, 0.5), flow, num_chains=2, num_warmup=10, num_samples=10, seed=0,
+               progress=False, **bad)
+
+
+def test_a_flow_start_that_gives_up_is_a_value_error_of_sample(monkeypatch):
+    # -inf on the half-space x0 < 0 (no constraining bijector): every batch of the start's short fit
+    # has draws there, so fit gives up; sample says which of its steps failed, and passes jit_compile on.
+    import neutra_flows.vi as vi
+    from neutra_flows.adaptation import FlowAdaptation
+
+    def log_prob(x):
+        lp = -0.5 * tf.reduce_sum(tf.square(x), axis=-1)
+        return tf.where(x[..., 0] > 0, lp, tf.constant(-np.inf, x.dtype))
+
+    calls, real_fit = [], vi.fit
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(vi, "fit", spy)
+    config = FlowAdaptation(start="fit", fit_steps=10, fit_batch_size=64,
+                            flow_options=dict(num_layers=2, hidden_units=[4]))
+    with pytest.raises(ValueError, match=r"sample\(target, 'adapt'\): the flow's start \(a 10-step VI fit\)") \
+            as info:
+        sample(Target(log_prob, 2, name="half_space"), "adapt", adapt_flow=config, num_chains=2,
+               num_warmup=200, num_samples=10, seed=0, progress=False, jit_compile=False)
+    assert isinstance(info.value.__cause__, RuntimeError) and "constraining_bijector" in str(info.value)
+    assert [c["jit_compile"] for c in calls] == [False]

@@ -309,6 +309,52 @@ def test_from_joint_distribution_rejects_non_jd():
         Target.from_joint_distribution(object())
 
 
+def _discrete_latent_models():
+    root = tfd.JointDistributionCoroutine.Root
+
+    @tfd.JointDistributionCoroutine
+    def poisson():
+        rate = yield root(tfd.HalfNormal(1.0, name="rate"))
+        k = yield tfd.Poisson(rate, name="k")  # float32, but discrete: no event-space bijector
+        yield tfd.Normal(k, 1.0, name="y")
+
+    return {
+        "poisson": (poisson.experimental_pin(y=0.3), "'k' (Poisson)"),
+        "bernoulli": (tfd.JointDistributionNamed(dict(
+            b=tfd.Bernoulli(probs=0.3), y=lambda b: tfd.Normal(tf.cast(b, tf.float32), 1.0),
+        )).experimental_pin(y=0.2), "'b' is discrete (int32)"),
+        "categorical": (tfd.JointDistributionSequential([
+            tfd.Categorical(probs=[0.2, 0.8], name="c"), tfd.Normal(0.0, 1.0, name="x"),
+        ]), "'c' is discrete (int32)"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["poisson", "bernoulli", "categorical"])
+def test_from_joint_distribution_refuses_a_discrete_latent(kind):
+    jd, match = _discrete_latent_models()[kind]
+    with pytest.raises(ValueError, match="discrete") as info:
+        Target.from_joint_distribution(jd)
+    assert match in str(info.value) and "experimental_pin" in str(info.value)
+
+
+def test_from_joint_distribution_accepts_discrete_observed_data():
+    # A discrete likelihood pinned to counts is an ordinary model: only latents must be continuous.
+    jd = tfd.JointDistributionNamed(dict(rate=tfd.HalfNormal(2.0),
+                                         y=lambda rate: tfd.Sample(tfd.Poisson(rate), 3)))
+    t = Target.from_joint_distribution(jd.experimental_pin(y=[1.0, 0.0, 4.0]))
+    assert t.names == ("rate",) and t.event_size == 1
+
+
+@pytest.mark.parametrize("autobatched", [False, True])
+def test_from_joint_distribution_refuses_a_batched_model(autobatched):
+    latent = dict(loc=tfd.Normal(tf.zeros(3), 1.0), y=lambda loc: tfd.Normal(loc, 1.0))
+    jd = (tfd.JointDistributionNamedAutoBatched(latent, batch_ndims=1) if autobatched
+          else tfd.JointDistributionNamed(latent))
+    with pytest.raises(ValueError, match=r"batch shape \[3\]") as info:
+        Target.from_joint_distribution(jd.experimental_pin(y=[0.1, 0.2, 0.3]))
+    assert ("the model" if autobatched else "'loc'") in str(info.value) and "tfd.Sample" in str(info.value)
+
+
 class _FakeTransformation:
     def __init__(self, mean, std):
         self.ground_truth_mean = mean

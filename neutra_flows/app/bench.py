@@ -22,9 +22,12 @@ import json
 import math
 import os
 import platform
+import secrets
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +37,7 @@ from neutra_flows._version import __version__
 from neutra_flows.adaptation import FlowAdaptation
 from neutra_flows.diagnostics import compare
 from neutra_flows.flows import make_flow
-from neutra_flows.io import save_flow
+from neutra_flows.io import _check_target_folder, save_flow
 from neutra_flows.mcmc import _target_accept_prob, sample
 from neutra_flows.models.posteriordb import POSTERIORDB_MODELS
 from neutra_flows.targets import Target
@@ -231,7 +234,7 @@ class BenchResult:
         shown = [c for c in (
             "sampler", "divergences", "max_rhat", "min_ess_bulk", "min_ess_tail", "grad_evals",
             "ess_per_grad", "ess_per_grad_total",
-            "ess_per_second", "ess_per_second_total", "max_abs_error_mcse",
+            "ess_per_second", "total_time", "ess_per_second_total", "max_abs_error_mcse",
             "min_std_ratio", "max_std_ratio") if c in self.table.columns]
         with pd.option_context("display.width", 200, "display.max_columns", 20,
                                "display.float_format", "{:.4g}".format):
@@ -257,10 +260,23 @@ class BenchResult:
             start, outcome = str(attrs.get("flow_adaptation_start")), _adaptation_outcome(attrs)
             # fit's IAF in many dimensions already says it was not refitted.
             text.append(f"flow: {start}" + ("" if outcome in start else f"; {outcome}"))
+        text.extend(_time_line(label, idata) for label, idata in self.idatas.items())
         for description, met in self.goals:
             mark = {True: "MET   ", False: "MISSED", None: "N/A   "}[met]
             text.append(f"[{mark}] {description}")
         return "\n".join(t for t in text if t)
+
+
+def _time_line(label: str, idata: Any) -> str:
+    """``label: 7.4 s all-in, first draw at 7.1 s (whitening 2.5, compilation 4.0, ...)``."""
+    from neutra_flows.diagnostics import phase_times
+
+    attrs = idata.posterior.attrs
+    phases = ", ".join(f"{name} {seconds:.2g}" for name, seconds in phase_times(idata).items()
+                       if seconds >= 0.005)
+    total, first = attrs.get("total_time"), attrs.get("time_to_first_draw")
+    head = f"{total:.1f} s all-in, first draw at {first:.1f} s" if total is not None else "seconds"
+    return f"{label}: {head} ({phases})"
 
 
 def _adaptation_outcome(attrs: Mapping[str, Any]) -> str:
@@ -418,8 +434,10 @@ def _settings(
 
 
 def _neutra_label(settings: Mapping[str, Any]) -> str:
-    adapted = "-ADAPT" if settings.get("adapt") else ""
-    return f"NeuTra-{settings['flow'].upper()}{adapted}-{settings['kernel'].upper()}"
+    # sample(target, "adapt") picks the flow itself (a Gaussian, the adapted one, fit's IAF): the
+    # table's flow column names it.
+    flow = "ADAPT" if settings.get("adapt") else settings["flow"].upper()
+    return f"NeuTra-{flow}-{settings['kernel'].upper()}"
 
 
 def _train(the_target: Target, settings: Mapping[str, Any], *, progress: bool,
@@ -571,27 +589,99 @@ def run_benchmark(
 def write_outputs(result: BenchResult, out: str | os.PathLike) -> list[str]:
     """Writes results.json, both runs' netCDF, the trained flow and PNG plots into ``out``.
 
+    Everything is written into a temporary sibling folder first, then moved into
+    ``out``: a new ``out`` in one rename, an existing one name by name, after
+    the slow writes, so an interrupted run leaves the previous run's outputs
+    as they were. ``results.json`` lists this run's files (``"files"``); the
+    files an earlier run listed there (or, for a results.json without that
+    list, the names such a run writes) and this run did not write again are
+    removed, so ``out`` never mixes two runs (no stale ``NUTS.nc`` after a run
+    without baseline). Any other file in ``out`` is left alone.
+
     A plot that fails is reported in ``results.json`` (``"plot_errors"``) rather
     than losing the measured figures. Returns the paths written (also stored in
     ``result.files``).
     """
-    os.makedirs(out, exist_ok=True)
-    files = []
+    final = Path(os.path.abspath(out))
+    if final.exists() and not final.is_dir():
+        raise ValueError(f"out={os.fspath(out)!r} exists and is not a folder")
+    if (final / "flow").exists():
+        _check_target_folder(final / "flow", overwrite=True)  # before the work: a folder of the user's
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # A plain mkdir (not mkdtemp's 0o700): the folder may become out itself, with the usual mode.
+    tmp = final.parent / f".{final.name}.partial-{secrets.token_hex(6)}"
+    tmp.mkdir()
+    names: list[str] = []
 
     def path(name):
-        p = os.path.join(out, name)
-        files.append(p)
-        return p
+        names.append(name)
+        return str(tmp / name)
 
-    plot_errors = _save_figures(result, path, files)
-    with open(path("results.json"), "w") as fh:
-        json.dump(_json_safe(_results_payload(result, plot_errors)), fh, indent=2)
-    for label, idata in result.idatas.items():
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-        idata.to_netcdf(path(f"{safe}.nc"), engine="h5netcdf")
-    save_flow(result.flow if result.flow is not None else result.fit.flow, path("flow"), overwrite=True)
-    result.files = files
-    return files
+    try:
+        plot_errors = _save_figures(result, path, names)
+        for label, idata in result.idatas.items():
+            idata.to_netcdf(path(_netcdf_name(label)), engine="h5netcdf")
+        save_flow(result.flow if result.flow is not None else result.fit.flow, path("flow"))
+        payload = _results_payload(result, plot_errors)
+        payload["files"] = sorted([*names, "results.json"])
+        with open(path("results.json"), "w") as fh:
+            json.dump(_json_safe(payload), fh, indent=2)
+        _move_outputs(tmp, final, names)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.files = [os.path.join(out, name) for name in names]
+    return result.files
+
+
+def _netcdf_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label) + ".nc"
+
+
+# What a bench run writes besides its runs' netCDF (for a results.json without a "files" list).
+_OUTPUT_NAMES = ("results.json", "flow", "draws.png", "trace.png", "ess_per_grad.png", "phase_times.png",
+                 "loss.png")
+
+
+def _previous_outputs(out: Path) -> set[str]:
+    """The names an earlier bench run wrote into ``out``, from its results.json; empty when none."""
+    try:
+        previous = json.loads((out / "results.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return set()
+    if not isinstance(previous, dict):
+        return set()
+    listed = previous.get("files")
+    if isinstance(listed, list):
+        names = {name for name in listed if isinstance(name, str)}
+    elif isinstance(previous.get("settings"), dict) and isinstance(previous.get("table"), dict):
+        names = {*_OUTPUT_NAMES, *(_netcdf_name(str(label)) for label in previous["table"])}
+    else:
+        return set()  # a results.json that is not a bench run's
+    # Only plain names inside out are ever removed.
+    return {name for name in names if name == os.path.basename(name) and name not in ("", ".", "..")}
+
+
+def _move_outputs(tmp: Path, out: Path, names: Sequence[str]) -> None:
+    """Moves ``names`` from ``tmp`` into ``out``, removing the previous run's other outputs.
+
+    results.json, the list of the files, moves last: until then ``out`` still
+    names the previous run's files, so the next run can clear what a crash
+    left half-replaced.
+    """
+    if not out.exists():
+        os.replace(tmp, out)  # one rename: all or nothing
+        return
+    for name in names:
+        if (out / name).is_dir() and not (tmp / name).is_dir():
+            raise ValueError(f"{out / name} is a folder; the benchmark writes a file of that name there")
+    trash = tmp / ".previous"
+    trash.mkdir()
+    stale = _previous_outputs(out) - set(names)
+    for name in [*sorted(stale), *(n for n in names if n != "results.json"), "results.json"]:
+        if (out / name).exists() and (name in stale or (out / name).is_dir()):
+            os.replace(out / name, trash / name)  # a folder (the flow) cannot be renamed onto
+        if name not in stale:
+            os.replace(tmp / name, out / name)
 
 
 def _save_figures(result: BenchResult, path: Callable[[str], str], files: list[str]) -> dict[str, str]:
@@ -604,6 +694,7 @@ def _save_figures(result: BenchResult, path: Callable[[str], str], files: list[s
         "trace.png": lambda: plots.plot_trace(next(iter(result.idatas.values())),
                                               coords=tuple(dict.fromkeys(view))),
         "ess_per_grad.png": lambda: plots.plot_ess_per_gradient(result.table),
+        "phase_times.png": lambda: plots.plot_phase_times(result.idatas),
     }
     if fit_result is not None:
         figures["loss.png"] = lambda: plots.plot_loss(fit_result.losses)
@@ -614,12 +705,15 @@ def _save_figures(result: BenchResult, path: Callable[[str], str], files: list[s
 
     plot_errors = {}
     for name, draw in figures.items():
+        saved_to = None
         try:
             fig = draw()
-            fig.savefig(path(name), dpi=110)
+            saved_to = path(name)
+            fig.savefig(saved_to, dpi=110)
             plt.close(fig)
         except Exception as err:  # noqa: BLE001 - a picture must not cost the figures
-            files.pop()
+            if saved_to is not None:  # listed by path(); a figure whose drawing failed never was
+                files.pop()
             plot_errors[name] = f"{type(err).__name__}: {err}"
     return plot_errors
 

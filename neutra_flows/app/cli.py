@@ -255,11 +255,18 @@ def _run(args: argparse.Namespace, target: Any) -> int:
         if args.out is not None:
             out = args.out if len(flows) == 1 else os.path.join(args.out, result.settings["flow"])
             write_outputs(result, out)
-            print(f"wrote {len(result.files)} files to {out}", flush=True)
+            print(f"wrote {len(result.files)} files to {out} (listed in its results.json)"
+                  + _others_note(out, result.files), flush=True)
     if failed:
         print(f"neutra-flows: run failed for flow(s) {failed}", file=sys.stderr)
         return 1
     return 0
+
+
+def _others_note(out: str, files: Sequence[str]) -> str:
+    """Names the files in ``out`` that this run did not write (a user's own, other flows' folders)."""
+    others = sorted(set(os.listdir(out)) - {os.path.basename(f) for f in files})
+    return f"; also there, not from this run: {', '.join(others)}" if others else ""
 
 
 def _out_subfolders(args: argparse.Namespace) -> list[str]:

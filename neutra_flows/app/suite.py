@@ -96,8 +96,22 @@ def _row(name: str, result: Any, seconds: float) -> dict[str, Any]:
         **_fit_figures(result),
         "neutra_correct": None if not correctness or any(m is None for m in correctness) else all(correctness),
         "goals": [{"goal": d, "met": m} for d, m in result.goals],
+        **_time_figures(result),
         "seconds": seconds,
     }
+
+
+def _time_figures(result: Any) -> dict[str, Any]:
+    """Each run's all-in seconds, time to the first kept draw and seconds per phase."""
+    from neutra_flows.diagnostics import phase_times
+
+    figures: dict[str, Any] = {}
+    for key, idata in zip(("neutra", "nuts"), result.idatas.values(), strict=False):
+        attrs = idata.posterior.attrs
+        figures[f"{key}_total_time"] = float(attrs.get("total_time", math.nan))
+        figures[f"{key}_time_to_first_draw"] = float(attrs.get("time_to_first_draw", math.nan))
+        figures[f"{key}_phase_times"] = phase_times(idata)
+    return figures
 
 
 def _num(x: Any, fmt: str = ".3g") -> str:
@@ -123,11 +137,12 @@ def suite_table_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The suite's table as markdown (one line per model)."""
     head = ("| model | d | NeuTra ESS/grad | NUTS ESS/grad | ratio | NeuTra / NUTS ESS/grad incl. training "
             "| ESS/s incl. training, ratio | div. NeuTra / NUTS | R-hat NeuTra / NUTS | NeuTra max bias/MCSE "
-            "| NeuTra std ratio | k-hat | whitening | goals |")
-    lines = [head, "|" + "---|" * 14]
+            "| NeuTra std ratio | k-hat | whitening | all-in s NeuTra / NUTS | first draw s NeuTra / NUTS "
+            "| goals |")
+    lines = [head, "|" + "---|" * 16]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['model']} | " + " | " * 12 + f"{_fmt_correct(r)} |")
+            lines.append(f"| {r['model']} | " + " | " * 14 + f"{_fmt_correct(r)} |")
             continue
         lo, hi = r["neutra_std_ratio"]
         lines.append(
@@ -138,6 +153,9 @@ def suite_table_markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"{_num(r['neutra_max_rhat'], '.3f')} / {_num(r['nuts_max_rhat'], '.3f')} | "
             f"{_num(r['neutra_max_bias_mcse'], '.2g')} | {_num(lo)}-{_num(hi)} | {_num(r['khat'], '.2f')} | "
             f"{r['whitening']} | "
+            f"{_num(r.get('neutra_total_time'), '.1f')} / {_num(r.get('nuts_total_time'), '.1f')} | "
+            f"{_num(r.get('neutra_time_to_first_draw'), '.1f')} / "
+            f"{_num(r.get('nuts_time_to_first_draw'), '.1f')} | "
             f"{_fmt_correct(r)} |")
     return "\n".join(lines)
 
@@ -211,7 +229,9 @@ def run_suite(
         say(f"[{i}/{len(models)}] {name}: " + (
             _fmt_correct(row) if row.get("error") else
             f"NeuTra {row['neutra_ess_per_grad']:.3g} ESS/grad, NUTS {row['nuts_ess_per_grad']:.3g} "
-            f"({_fmt_ratio(row)}); {_fmt_correct(row)}; {row['seconds']:.0f} s"))
+            f"({_fmt_ratio(row)}); all-in {_num(row.get('neutra_total_time'), '.1f')} s vs "
+            f"{_num(row.get('nuts_total_time'), '.1f')} s, ESS/s {_num(row['ratio_ess_per_second_total'])}x; "
+            f"{_fmt_correct(row)}; {row['seconds']:.0f} s"))
         if out is not None:
             _write(rows, out, {**settings, "seed": seed})
     return rows
@@ -223,3 +243,22 @@ def _write(rows: Sequence[dict[str, Any]], out: str | os.PathLike, protocol: dic
     with open(os.path.join(out, "suite.json"), "w") as fh:
         json.dump(_json_safe({"protocol": protocol, "rows": list(rows)}), fh, indent=2)
     _plot(rows, os.path.join(out, "suite_ess_per_grad.png"))
+    _plot_phases(rows, os.path.join(out, "suite_phase_times.png"))
+
+
+def _plot_phases(rows: Sequence[dict[str, Any]], path: str) -> None:
+    """A stacked bar of seconds per phase for each model's NeuTra and NUTS runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from neutra_flows.plots import plot_phase_times
+
+    runs = {f"{r['model']} {who}": r[f"{key}_phase_times"] for r in rows if not r.get("error")
+            for key, who in (("neutra", "NeuTra"), ("nuts", "NUTS")) if r.get(f"{key}_phase_times")}
+    if not runs:
+        return
+    fig = plot_phase_times(runs)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
