@@ -204,6 +204,8 @@ def test_bench_adapt_mode_skips_vi_and_writes_its_outputs(tmp_path):
     assert row["grad_evals_training"] == 4 * 512
     assert nf.load_flow(tmp_path / "flow").flow_config["name"] == "affine_tril"
     assert "refits kept" in result.report()
+    assert "NeuTra-ADAPT-HMC: " in result.report() and "s all-in, first draw at" in result.report()
+    assert (tmp_path / "phase_times.png").exists()
     # A flow without a fast inverse is refused before any sampling.
     with pytest.raises(ValueError, match="fast inverse"):
         run_benchmark("banana", adapt=True, flow="iaf", baseline=False, progress=False, log=None)

@@ -613,3 +613,30 @@ def test_a_flow_start_that_gives_up_is_a_value_error_of_sample(monkeypatch):
                num_warmup=200, num_samples=10, seed=0, progress=False, jit_compile=False)
     assert isinstance(info.value.__cause__, RuntimeError) and "constraining_bijector" in str(info.value)
     assert [c["jit_compile"] for c in calls] == [False]
+
+
+def test_the_compiled_loop_is_never_reused_for_another_target_flow_or_chain_count():
+    # Same shapes, same flow object, same settings: the cache keyed on what the graph
+    # bakes in must still recompile for a new target (its density is in the graph) and
+    # a new chain count, and draw each target's own posterior.
+    from neutra_flows import mcmc
+
+    def shifted(mean):
+        return Target(lambda z: -0.5 * tf.reduce_sum(tf.square(z - mean), -1), [2], dtype=tf.float64,
+                      name=f"shifted_{mean}")
+
+    flow = make_flow("affine_diag", 2, dtype=tf.float64)
+    common = dict(kernel="hmc", num_leapfrog_steps=3, num_warmup=100, num_samples=300, progress=False)
+    keys = []
+    for mean, chains in ((0.0, 2), (50.0, 2), (50.0, 3)):
+        target = shifted(mean)
+        idata = sample(target, flow, num_chains=chains, seed=0, **common)
+        x = idata.posterior["x"].values
+        assert x.shape == (chains, 300, 2)
+        np.testing.assert_allclose(x.mean(axis=(0, 1)), [mean, mean], atol=0.5)
+        keys.append(mcmc._Settings.check(target, kernel="hmc", num_chains=chains, num_warmup=100,
+                                         num_samples=300, seed=0, step_size=None, target_accept_prob=None,
+                                         num_leapfrog_steps=3, max_tree_depth=10, thin=1, jit_compile=True,
+                                         progress=False, strategy=None).cache_key(target, flow))
+    other_flow = make_flow("affine_diag", 2, dtype=tf.float64)
+    assert len(set(keys)) == 3 and keys[-1] != keys[-1][:1] + (id(other_flow),) + keys[-1][2:]

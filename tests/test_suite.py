@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from neutra_flows.app.bench import BenchResult
@@ -51,6 +53,29 @@ def test_suite_table_marks_lower_bounds_missed_goals_and_failures():
     assert "| >= 200x |" in lines[3]
     assert "MISSED: every std within 15 % of the truth" in lines[4]
     assert "FAILED: ValueError: boom" in lines[5]
+    # The all-in seconds of both runs, where the row has them ("n/a" where not).
+    timed = suite_table_markdown([_row(neutra_total_time=8.04, nuts_total_time=24.1,
+                                       neutra_time_to_first_draw=7.6, nuts_time_to_first_draw=20.3)])
+    timed = timed.splitlines()[2]
+    assert "| 8.0 / 24.1 | 7.6 / 20.3 |" in timed and "| n/a / n/a | n/a / n/a |" in lines[2]
+
+
+def test_suite_row_and_figure_carry_each_runs_phase_times(tmp_path):
+    from types import SimpleNamespace
+
+    from neutra_flows.app.suite import _plot_phases, _time_figures
+
+    def idata(total, phases):
+        attrs = {"total_time": total, "time_to_first_draw": total - 1.0, "phase_times": json.dumps(phases)}
+        return SimpleNamespace(posterior=SimpleNamespace(attrs=attrs))
+
+    result = SimpleNamespace(idatas={"NeuTra": idata(8.0, {"whitening": 3.0, "compilation": 5.0}),
+                                     "NUTS": idata(20.0, {"compilation": 12.0, "sampling": 8.0})})
+    figures = _time_figures(result)
+    assert figures["neutra_total_time"] == 8.0 and figures["nuts_time_to_first_draw"] == 19.0
+    assert figures["nuts_phase_times"] == {"compilation": 12.0, "sampling": 8.0}
+    _plot_phases([_row(**figures)], str(tmp_path / "phases.png"))
+    assert (tmp_path / "phases.png").stat().st_size > 0
 
 
 def test_suite_covers_every_posteriordb_model_and_the_built_ins_with_a_truth():

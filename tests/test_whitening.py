@@ -150,3 +150,21 @@ def test_fit_gaussian_refuses_bad_options(kwargs, words):
     target, _, _ = _badly_scaled()
     with pytest.raises(ValueError, match=words):
         fit_gaussian(target, seed=0, **kwargs)
+
+
+def test_the_laplace_hessian_by_differences_matches_the_exact_precision():
+    # A float64 Gaussian's Hessian is minus its precision everywhere; central
+    # differences of L-BFGS's compiled gradient recover it, as autodiff does, and the
+    # Laplace fit's scale is the covariance's Cholesky factor.
+    import neutra_flows.whitening as w
+
+    target = models.correlated_gaussian(4, 0.9, mean=[1.0, -2.0, 0.5, 3.0], scale=[1.0, 20.0, 0.05, 2.0],
+                                        dtype=tf.float64)
+    cov = np.asarray(target.covariance, np.float64)
+    z_map, _, compiled = w._find_map(target, tf.constant([0, 1]), 2, w._Counter(), [])
+    exact = w._hessian_by_autodiff(target, z_map)
+    by_differences = w._hessian_by_differences(compiled, z_map.numpy())
+    np.testing.assert_allclose(by_differences, exact, rtol=1e-6, atol=1e-8 * np.abs(exact).max())
+    np.testing.assert_allclose(exact, np.linalg.inv(cov), rtol=1e-6)
+    tril = w._laplace_tril(target, z_map, w._Counter(), [], compiled)
+    np.testing.assert_allclose(tril @ tril.T, np.linalg.inv(exact), rtol=1e-6)
