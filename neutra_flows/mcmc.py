@@ -302,9 +302,8 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
         _check_flow(flow, target)
         d = int(target.event_size)
         dtype = target.dtype
-        step_size = _default_step_size(d) if step_size is None else float(step_size)
-        if not (math.isfinite(step_size) and step_size > 0):
-            raise ValueError(f"step_size must be a positive finite float, got {step_size}")
+        step_size = _step_size(step_size)
+        step_size = _default_step_size(d) if step_size is None else step_size
         target_accept_prob = _target_accept_prob(target_accept_prob)
         init_trajectory_length = float(init_trajectory_length)
         if not (math.isfinite(init_trajectory_length) and init_trajectory_length > 0):
