@@ -7,6 +7,9 @@ protocol (4 chains, 1000 warm-up + 1000 draws, seed 1 for NeuTra, 2 for NUTS):
 * ``adapt``: ``sample(target, "adapt", kernel="hmc")``, the recommended call
   (the whitening stage's Gaussian where it passes PSIS, else a flow adapted on
   the warm-up draws, or fit's IAF above 40 dimensions);
+* ``adapt-imh``: the same call with ``independence_steps=K`` (``--independence-steps``,
+  default 3): after the warm-up, K independence proposals from the flow follow
+  each NeuTra transition;
 * ``vi``: ``fit`` of a 3-layer IAF (2000 x 256, whitening first), then
   ``sample(target, fit_result, kernel="hmc")``;
 * ``nuts``: ``sample(target, None, kernel="nuts")``, windowed diagonal adaptation.
@@ -15,10 +18,12 @@ Time to 1000 ESS is ``time_to_first_draw + sampling_time x 1000 / ESS``: the
 fixed cost until the first kept draw (training, compilation, warm-up), then the
 sampling phase's own rate, extrapolated linearly (a chain's ESS grows linearly
 with its length once it has mixed). The script prints one line per run and a
-markdown table, and writes JSON with every run's phase times.
+markdown table, and writes JSON with every run's phase times. Every run also
+reports its sampling's ESS per target evaluation (gradients + density-only
+evaluations: ``ess_per_eval``), the figure independence proposals are judged by.
 
     python benchmarks/time_to_ess.py [--models kidiq-kidscore_interaction ...] [--methods adapt nuts]
-        [--out docs/time_to_ess.json]
+        [--independence-steps 3] [--out docs/time_to_ess.json]
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ import subprocess
 import sys
 import time
 
-_METHODS = ("adapt", "vi", "nuts")
+_METHODS = ("adapt", "adapt-imh", "vi", "nuts")
 
 
-def _one(model: str, method: str) -> dict:
+def _one(model: str, method: str, independence_steps: int = 3) -> dict:
     """Runs ``method`` on ``model`` in this process; every second after the import is counted."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import warnings
@@ -47,6 +52,8 @@ def _one(model: str, method: str) -> dict:
     common = dict(num_chains=4, num_warmup=1000, num_samples=1000, progress=False)
     if method == "adapt":
         idata = nf.sample(target, "adapt", kernel="hmc", seed=1, **common)
+    elif method == "adapt-imh":
+        idata = nf.sample(target, "adapt", kernel="hmc", seed=1, independence_steps=independence_steps, **common)
     elif method == "vi":
         result = nf.fit(target, nf.make_flow("iaf", target.event_size, dtype=target.dtype), num_steps=2000,
                         batch_size=256, seed=0, progress=False)
@@ -64,17 +71,21 @@ def _one(model: str, method: str) -> dict:
                 ess_per_second_total=ess / float(attrs["total_time"]),
                 time_to_1000_ess=first + sampling * 1000.0 / ess if ess > 0 else float("inf"),
                 gradients=float(row["grad_evals_training"] + row["grad_evals_warmup"] + row["grad_evals"]),
+                grad_evals_sampling=float(row["grad_evals"]), density_evals_sampling=float(row["density_evals"]),
+                ess_per_eval=float(row["ess_per_eval"]),
+                independence_acceptance_rate=float(attrs.get("independence_acceptance_rate", float("nan"))),
                 max_abs_error_mcse=float(row.get("max_abs_error_mcse", float("nan"))),
                 phase_times=json.loads(attrs["phase_times"]))
 
 
 def _table(rows: list[dict]) -> str:
     lines = ["| model | d | method | all-in s | first draw s | min ESS | time to 1000 ESS, s | "
-             "all-in ESS/s | R-hat | max bias/MCSE |", "|" + "---|" * 10]
+             "all-in ESS/s | ESS per eval (sampling) | R-hat | max bias/MCSE |", "|" + "---|" * 11]
     for r in rows:
         lines.append(f"| {r['model']} | {r['d']} | {r['method']} | {r['total_time']:.1f} | "
                      f"{r['time_to_first_draw']:.1f} | {r['min_ess_bulk']:.0f} | {r['time_to_1000_ess']:.1f} | "
-                     f"{r['ess_per_second_total']:.1f} | {r['max_rhat']:.3f} | {r['max_abs_error_mcse']:.2g} |")
+                     f"{r['ess_per_second_total']:.1f} | {r.get('ess_per_eval', float('nan')):.3f} | "
+                     f"{r['max_rhat']:.3f} | {r['max_abs_error_mcse']:.2g} |")
     return "\n".join(lines)
 
 
@@ -84,18 +95,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(POSTERIORDB_MODELS))
     parser.add_argument("--methods", nargs="+", choices=_METHODS, default=["adapt", "nuts"])
+    parser.add_argument("--independence-steps", type=int, default=3,
+                        help="independence proposals per NeuTra transition for the adapt-imh method")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("ROW " + json.dumps(_one(*args.one)))
+        print("ROW " + json.dumps(_one(*args.one, independence_steps=args.independence_steps)))
         return
     rows = []
     for model in args.models:
         for method in args.methods:
             # A fresh process each: no compilation cache or warm import favours one method.
-            done = subprocess.run([sys.executable, __file__, "--one", model, method], capture_output=True,
-                                  text=True, check=False)
+            done = subprocess.run([sys.executable, __file__, "--one", model, method, "--independence-steps",
+                                   str(args.independence_steps)], capture_output=True, text=True, check=False)
             line = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
             if not line:
                 print(f"{model} {method}: FAILED\n{done.stderr[-2000:]}", flush=True)
@@ -105,7 +118,7 @@ def main() -> None:
             print(f"{model} {method}: {row['total_time']:.1f} s all-in, first draw "
                   f"{row['time_to_first_draw']:.1f} s, ESS {row['min_ess_bulk']:.0f}, "
                   f"to 1000 ESS {row['time_to_1000_ess']:.1f} s, "
-                  f"R-hat {row['max_rhat']:.3f}", flush=True)
+                  f"ESS/eval {row['ess_per_eval']:.3f}, R-hat {row['max_rhat']:.3f}", flush=True)
             if args.out:
                 with open(args.out, "w") as fh:
                     json.dump({"rows": rows}, fh, indent=1)

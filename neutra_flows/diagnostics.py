@@ -47,6 +47,9 @@ COMPARE_COLUMNS: dict[str, str] = {
     "grad_evals": "gradient evaluations (leapfrog steps) after warm-up, all chains",
     "grad_evals_warmup": "gradient evaluations during warm-up, all chains",
     "ess_per_grad": "min_ess_bulk / grad_evals",
+    "density_evals": "density-only target evaluations after warm-up, all chains (independence "
+    "proposals); 0 where none were made",
+    "ess_per_eval": "min_ess_bulk / (grad_evals + density_evals): every target evaluation of the sampling",
     "grad_evals_training": "target gradients spent fitting the flow (whitening, steps x batch, "
     "diagnostic draws); 0 for the baseline",
     "ess_per_grad_total": "min_ess_bulk / (grad_evals_training + grad_evals_warmup + grad_evals): "
@@ -170,6 +173,7 @@ def _row(idata: Any, truth) -> dict[str, Any]:
     if grads is None and stats is not None and "n_steps" in stats:
         grads = float(np.asarray(stats["n_steps"], np.float64).sum())
     grads = _NAN if grads is None else float(grads)
+    density_evals = float(_attr(idata, "num_density_evals_sampling", 0.0))
     grads_warmup = float(_attr(idata, "num_grad_evals_warmup", _NAN))
     grads_training = float(_attr(idata, "num_grad_evals_training", 0.0))
 
@@ -194,6 +198,8 @@ def _row(idata: Any, truth) -> dict[str, Any]:
         grad_evals=grads,
         grad_evals_warmup=grads_warmup,
         ess_per_grad=ratio(ess_bulk, grads),
+        density_evals=density_evals,
+        ess_per_eval=ratio(ess_bulk, grads + density_evals),
         grad_evals_training=grads_training,
         ess_per_grad_total=ratio(ess_bulk, grads_training + grads_warmup + grads),
         sampling_time=sampling_time,

@@ -101,6 +101,7 @@ from tensorflow_probability.python.experimental.mcmc import (
 )
 from tensorflow_probability.python.internal import unnest
 
+from neutra_flows import independence
 from neutra_flows._utils import as_seed, check_positive_int, split_seed, stan_regularised
 from neutra_flows.adaptation import FlowAdaptation, FlowAdapter
 
@@ -274,6 +275,12 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
         the whitened latent space (a standard normal's Hamiltonian flow has
         period ``2 pi``; ChEES usually settles between 1 and 2 units).
       max_leapfrog_steps: HMC with ChEES: a cap on leapfrog steps per transition.
+      independence_steps: after the ``num_adaptation_steps``, follow each
+        NeuTra transition with this many independence Metropolis-Hastings
+        transitions that propose fresh draws ``f(u')``, ``u' ~ N(0, I)``, from the
+        flow (one density evaluation each, no gradient; see
+        :mod:`neutra_flows.independence`). The results are then
+        :class:`~neutra_flows.independence.NeuTraIndependenceResults`. Default 0: off.
       name: a name for the ops.
     """
 
@@ -290,9 +297,11 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
         max_tree_depth: int = 10,
         init_trajectory_length: float = 1.0,
         max_leapfrog_steps: int = 1000,
+        independence_steps: int = 0,
         name: str | None = None,
     ):
         _check_target(target)
+        independence_steps = check_positive_int(independence_steps, "independence_steps", minimum=0)
         kind = _check_kernel_name(kernel)
         num_adaptation_steps = check_positive_int(num_adaptation_steps, "num_adaptation_steps", minimum=0)
         max_tree_depth = check_positive_int(max_tree_depth, "max_tree_depth")
@@ -320,6 +329,7 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
             max_tree_depth=max_tree_depth,
             init_trajectory_length=init_trajectory_length,
             max_leapfrog_steps=max_leapfrog_steps,
+            independence_steps=independence_steps,
             name=name or "neutra_kernel",
         )
         # A diagonal scale in front of the flow (z = f(s * v)): the latent-space
@@ -389,6 +399,11 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
         return self._uses_chees
 
     @property
+    def independence_steps(self) -> int:
+        """Independence proposals after each NeuTra transition once adaptation ends (0: none)."""
+        return self._parameters["independence_steps"]
+
+    @property
     def inner_kernel(self) -> tfp.mcmc.TransitionKernel:
         """The TFP kernel stack this kernel delegates to (dual averaging outermost)."""
         return self._kernel
@@ -430,6 +445,11 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
     def _rebootstrap(self, results: Any, ratio: Any = None, init_state: Any = None) -> Any:
         """Results for the same ``z`` after the latent scale was divided by ``ratio``
         (or, given ``init_state``, after the flow changed)."""
+        if self.independence_steps:
+            return results._replace(inner_results=self._rebootstrap_stack(results.inner_results, ratio, init_state))
+        return self._rebootstrap_stack(results, ratio, init_state)
+
+    def _rebootstrap_stack(self, results: Any, ratio: Any, init_state: Any) -> Any:
         transformed = results.inner_results
         if init_state is not None:
             fresh = self._kernel.inner_kernel.bootstrap_results(init_state=init_state)
@@ -449,7 +469,46 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
     def one_step(self, current_state, previous_kernel_results, seed=None):
         """One transition; ``current_state`` is ``z`` ``[..., d]`` (its ``u`` is in the results)."""
         with tf.name_scope(self._parameters["name"]):
-            return self._kernel.one_step(current_state, previous_kernel_results, seed=seed)
+            if not self.independence_steps:
+                return self._kernel.one_step(current_state, previous_kernel_results, seed=seed)
+            return self._mixed_step(current_state, previous_kernel_results, seed)
+
+    def _latent_log_prob(self, v):
+        # The transformed kernel's own pulled-back density, so the weights and the
+        # NeuTra steps agree on it to the bit.
+        return unnest.get_innermost(self._kernel, "target_log_prob_fn")(v)
+
+    def _mixed_step(self, z, results, seed):
+        """A NeuTra transition or an independence proposal, by the cycle's schedule."""
+        step_seed, proposal_seed = tfp.random.split_seed(seed, n=2)
+        k = self.independence_steps
+        propose_now = independence.is_independence_step(results.transition, self.num_adaptation_steps, k)
+        no_chain = tf.zeros_like(results.independence_accepted)
+
+        def neutra():
+            stack = tf.cond(results.stale_gradients,
+                            lambda: independence.refresh_gradients(results.inner_results, self._latent_log_prob),
+                            lambda: results.inner_results)
+            new_z, stack = self._kernel.one_step(z, stack, seed=step_seed)
+            return (new_z, stack, no_chain, tf.zeros_like(results.independence_log_accept_ratio),
+                    tf.constant(False), results.stale_gradients)
+
+        def proposal():
+            stack = results.inner_results
+            v_new, z_new, lp_new, accepted, log_ratio = independence.propose(
+                latent_fn=self._latent_log_prob, bijector=self._bijector, latent_scale=self._latent_scale,
+                v=unnest.get_innermost(stack, "transformed_state"),
+                current_lp=unnest.get_innermost(stack, "target_log_prob"), seed=proposal_seed)
+            new_z, stack = independence.move(stack, z, v_new=v_new, z_new=z_new, lp_new=lp_new,
+                                             accepted=accepted)
+            stale = results.stale_gradients | tf.reduce_any(accepted)
+            return new_z, stack, accepted, log_ratio, stale, tf.constant(False)
+
+        new_z, stack, accepted, log_ratio, stale, refreshed = tf.cond(propose_now, proposal, neutra)
+        return new_z, independence.NeuTraIndependenceResults(
+            inner_results=stack, transition=results.transition + 1, independence_step=propose_now,
+            independence_accepted=accepted, independence_log_accept_ratio=log_ratio,
+            stale_gradients=stale, refreshed_gradients=refreshed)
 
     def bootstrap_results(self, init_state=None, transformed_init_state=None):
         """Kernel results for a start at ``z = init_state`` or ``u = transformed_init_state``.
@@ -480,7 +539,10 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
                     inner_results=chees._replace(averaged_max_trajectory_length=chees.max_trajectory_length)
                 )
             # Dual averaging only reads shapes from the state; `u` has z's shape.
-            return self._kernel._bootstrap_from_inner_results(u, inner)
+            stack = self._kernel._bootstrap_from_inner_results(u, inner)
+            if not self.independence_steps:
+                return stack
+            return independence.wrap(stack, unnest.get_innermost(stack, "target_log_prob"))
 
     def init_chains(self, num_chains: int, *, seed: Any) -> tuple[tf.Tensor, Any]:
         """Independent starts ``z = f(u)``, ``u ~ N(0, I)``, and their kernel results.
@@ -618,6 +680,38 @@ def _kinetic_energy(momentum, results, chain_ndims):
 
 def _draw_stats(results) -> dict[str, tf.Tensor]:
     """Per-chain statistics of the transition that produced `results`."""
+    if isinstance(results, independence.NeuTraIndependenceResults):
+        return _mixed_stats(results)
+    return _transition_stats(results)
+
+
+def _mixed_stats(results) -> dict[str, tf.Tensor]:
+    """An independence proposal's statistics where it made the transition, NeuTra's elsewhere.
+
+    A proposal takes no leapfrog step and has no Hamiltonian (``energy`` is NaN
+    there); ``gradient_refreshes`` counts the gradients re-evaluated before a
+    NeuTra step that follows accepted proposals (summed into the gradient count,
+    never buffered).
+    """
+    stats = _transition_stats(results.inner_results)
+    lar = results.independence_log_accept_ratio
+    here = tf.broadcast_to(results.independence_step, tf.shape(lar))
+    replaced = dict(
+        diverging=tf.zeros_like(stats["diverging"]),
+        acceptance_rate=tf.exp(lar),
+        n_steps=tf.zeros_like(stats["n_steps"]),
+        energy=tf.fill(tf.shape(lar), tf.constant(np.nan, lar.dtype)),
+        tree_depth=tf.zeros_like(stats.get("tree_depth", stats["n_steps"])),
+    )
+    for key, value in replaced.items():
+        if key in stats:
+            stats[key] = tf.where(here, tf.cast(value, stats[key].dtype), stats[key])
+    stats["independence_accepted"] = results.independence_accepted
+    stats["gradient_refreshes"] = tf.broadcast_to(tf.cast(results.refreshed_gradients, tf.int32), tf.shape(lar))
+    return stats
+
+
+def _transition_stats(results) -> dict[str, tf.Tensor]:
     core = _core_results(results)
     if hasattr(core, "leapfrogs_taken"):  # NUTS
         lar = core.log_accept_ratio
@@ -696,6 +790,7 @@ def _make_advance(kernel, buffer_size: int, jit_compile: bool, shard: tuple[int,
 
     def _advance_body(state, results, seed, num_steps, thin):
         stats0 = _draw_stats(results)
+        stats0.pop("gradient_refreshes", None)
         buffers = dict(
             z=tf.zeros([buffer_size] + state.shape.as_list(), state.dtype),
             **{k: tf.zeros([buffer_size] + v.shape.as_list(), v.dtype) for k, v in stats0.items()},
@@ -711,6 +806,7 @@ def _make_advance(kernel, buffer_size: int, jit_compile: bool, shard: tuple[int,
             state, results = kernel.one_step(state, results, seed=step_seed)
             stats = _draw_stats(results)
             grads += tf.reduce_sum(tf.cast(stats["n_steps"], tf.int64))
+            grads += tf.reduce_sum(tf.cast(stats.pop("gradient_refreshes", 0), tf.int64))
             divs += tf.reduce_sum(tf.cast(stats["diverging"], tf.int64))
             index = [[tf.math.floormod(i // thin, buffer_size)]]
             values = dict(z=state, v=_latent_state(results), latent_grad=_latent_gradient(results), **stats)
@@ -905,6 +1001,7 @@ def sample(
     max_trace_bytes: int | None = 4 * 2**30,
     strategy: tf.distribute.Strategy | None = None,
     return_flow: bool = False,
+    independence_steps: int = 0,
 ) -> Any:
     """Samples ``target`` with NeuTra (given a ``flow``) or with the plain baseline.
 
@@ -977,6 +1074,16 @@ def sample(
         (an IAF trained by ``fit`` where ``FlowAdaptation.fit_above_dims``
         applies), to save with :func:`~neutra_flows.save_flow` or reuse.
 
+      independence_steps: NeuTra only: after the warm-up, follow each NeuTra
+        transition with this many independence Metropolis-Hastings transitions
+        proposing fresh draws from the (frozen) flow, one density evaluation
+        and no gradient each; every transition is a draw (see
+        :mod:`neutra_flows.independence`). It pays where the flow is close to the
+        target (PSIS k-hat below about 0.5); the attrs
+        ``independence_acceptance_rate`` and ``num_density_evals_sampling`` say
+        what it did, and ``sample_stats.independence_accepted`` marks the
+        accepted proposals. Default 0: off.
+
     Returns:
       ``arviz.InferenceData`` with ``posterior``, ``sample_stats`` and attrs as
       described in the module docstring; ``(idata, flow)`` with ``return_flow``.
@@ -999,7 +1106,8 @@ def sample(
         target, kernel=kernel, num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
         seed=seed, step_size=step_size, target_accept_prob=target_accept_prob,
         num_leapfrog_steps=num_leapfrog_steps, max_tree_depth=max_tree_depth, thin=thin,
-        jit_compile=jit_compile, progress=progress, strategy=strategy)
+        jit_compile=jit_compile, progress=progress, strategy=strategy, independence_steps=independence_steps,
+        has_flow=flow is not None)
     # Checked before the flow is resolved: flow="adapt" spends seconds on its start.
     _check_trace_size(num_chains, num_samples, settings.thin, int(target.event_size), target.dtype,
                       max_trace_bytes)
@@ -1036,11 +1144,20 @@ class _Settings:
     jit_compile: bool
     progress: bool
     strategy: Any
+    independence_steps: int = 0
 
     @classmethod
     def check(cls, target, *, kernel, num_chains, num_warmup, num_samples, seed, step_size, target_accept_prob,
-              num_leapfrog_steps, max_tree_depth, thin, jit_compile, progress, strategy) -> _Settings:
+              num_leapfrog_steps, max_tree_depth, thin, jit_compile, progress, strategy,
+              independence_steps=0, has_flow=True) -> _Settings:
         _check_target(target)
+        independence_steps = check_positive_int(independence_steps, "independence_steps", minimum=0)
+        if independence_steps and not has_flow:
+            raise ValueError("independence_steps proposes draws from a flow: the baseline (flow=None) has none; "
+                             "pass a flow, a FitResult or flow='adapt', or independence_steps=0")
+        if independence_steps and strategy is not None:
+            raise ValueError("independence_steps does not support a distribution strategy yet; "
+                             "pass strategy=None or independence_steps=0")
         if num_leapfrog_steps is not None:
             num_leapfrog_steps = check_positive_int(num_leapfrog_steps, "num_leapfrog_steps")
         if seed is None:
@@ -1057,6 +1174,7 @@ class _Settings:
             max_tree_depth=check_positive_int(max_tree_depth, "max_tree_depth"),
             thin=check_positive_int(thin, "thin"),
             jit_compile=bool(jit_compile), progress=progress, strategy=strategy,
+            independence_steps=independence_steps,
         )
 
     def cache_key(self, target, bijector) -> tuple:
@@ -1064,7 +1182,7 @@ class _Settings:
         return (
             id(target), None if bijector is None else id(bijector), self.kind, self.num_chains,
             self.num_warmup, self.step_size, float(self.target_accept_prob), self.num_leapfrog_steps,
-            self.max_tree_depth, None if self.strategy is None else id(self.strategy),
+            self.max_tree_depth, None if self.strategy is None else id(self.strategy), self.independence_steps,
         )
 
 
@@ -1131,7 +1249,7 @@ def _neutra_plan(target, bijector, s: _Settings, z_given, adapt_latent_scale: bo
         lambda: NeuTraKernel(
             target, bijector, kernel=s.kind, num_adaptation_steps=s.num_warmup, step_size=s.step_size,
             num_leapfrog_steps=s.num_leapfrog_steps, target_accept_prob=s.target_accept_prob,
-            max_tree_depth=s.max_tree_depth,
+            max_tree_depth=s.max_tree_depth, independence_steps=s.independence_steps,
         ),
         s.strategy,
     )
@@ -1156,6 +1274,8 @@ def _neutra_plan(target, bijector, s: _Settings, z_given, adapt_latent_scale: bo
     if adapt_latent_scale and latent is not None:
         hooks.append(latent)
         adaptation += " + latent diagonal scale (one window)"
+    if s.independence_steps:
+        adaptation += f"; sampling: {s.independence_steps} independence proposals from the flow per NeuTra step"
     return _Plan(target=target, bijector=bijector, kernel=kernel, z0=z0, u0=u0, results=results,
                  sampler=f"NeuTra-{s.kind.upper()}", flow_name=_flow_name(bijector), adaptation=adaptation,
                  cache_key=key, hooks=hooks)
@@ -1370,6 +1490,13 @@ def _attrs(plan: _Plan, s: _Settings, run: _RunRecord) -> dict[str, Any]:
     )
     if s.kind == "nuts":
         attrs["max_tree_depth"] = s.max_tree_depth
+    if s.independence_steps:
+        attrs["independence_steps"] = s.independence_steps
+        attrs["num_density_evals_sampling"] = s.num_chains * independence.count_proposals(
+            s.num_warmup, s.num_samples, s.num_warmup, s.independence_steps)
+        # Only an independence proposal takes no leapfrog step.
+        proposed = run.stats["acceptance_rate"][run.stats["n_steps"] == 0]
+        attrs["independence_acceptance_rate"] = float(proposed.mean()) if proposed.size else math.nan
     truth = _ground_truth_json(plan.target)
     if truth is not None:
         attrs["ground_truth"] = truth
