@@ -44,3 +44,35 @@ class Laps:
     def total(self) -> float:
         """Seconds since the stopwatch started."""
         return time.perf_counter() - self.started
+
+
+def seconds_per_gradient(target, num_chains: int, *, jit_compile: bool = True, min_seconds: float = 0.05) -> float:
+    """Seconds of one batched gradient of ``target`` at ``num_chains`` points, compiled as ``sample``'s loop.
+
+    The yardstick for a sampler's cost per leapfrog step: a loop of gradient
+    evaluations at fixed points inside one compiled function (so dispatch is paid
+    once), repeated until it has run for ``min_seconds``. Compilation is excluded.
+    """
+    import tensorflow as tf
+    import tensorflow_probability as tfp
+
+    d, dtype = int(target.event_size), target.dtype
+    # Near the origin of the unconstrained space: where a whitened sampler spends its time, roughly.
+    z = 0.1 * tf.random.stateless_normal([num_chains, d], seed=[7, 11], dtype=dtype)
+
+    def loop(z, n):
+        def body(i, acc):
+            lp, grad = tfp.math.value_and_gradient(target.unnormalized_log_prob, z + acc * 0)
+            return i + 1, acc + tf.reduce_sum(grad) * 0 + tf.reduce_sum(lp) * 0
+        return tf.while_loop(lambda i, _: i < n, body, (tf.constant(0), tf.zeros([], dtype)))[1]
+
+    run = tf.function(loop, jit_compile=jit_compile, autograph=False)
+    run(z, tf.constant(1)).numpy()  # compiles
+    n = 1
+    while True:
+        start = time.perf_counter()
+        run(z, tf.constant(n)).numpy()
+        seconds = time.perf_counter() - start
+        if seconds >= min_seconds or n >= 2**20:
+            return seconds / n
+        n *= 4

@@ -107,3 +107,31 @@ def test_suite_row_says_whether_the_adapted_flow_was_refitted():
     assert adapted["fit_stop"] == "adapted on the draws: 1 refits kept" and adapted["whitening"] == "auto"
     fitted = _fit_figures(result([], 0, "a 2000-step VI fit of an IAF, not refitted on the draws"))
     assert fitted["fit_stop"] == "not refitted on the draws" and "IAF" in fitted["whitening"]
+
+
+def test_leapfrog_cost_ratio_divides_the_sampling_seconds_per_batched_gradient_by_the_bare_one():
+    import arviz as az
+    import numpy as np
+    import tensorflow as tf
+
+    from neutra_flows import models
+    from neutra_flows._timing import seconds_per_gradient
+    from neutra_flows.app.bench import _add_leapfrog_costs, _time_line
+
+    target = models.correlated_gaussian(ndims=3, dtype=tf.float64)
+    bare = seconds_per_gradient(target, 4)
+    assert 0 < bare < 0.1
+    idata = az.from_dict(posterior={"x": np.zeros((4, 10))}, sample_stats={"n_steps": np.ones((4, 10))})
+    idata.posterior.attrs.update(sampling_time=1.0, num_grad_evals_sampling=4000, num_density_evals_sampling=4000,
+                                 total_time=3.0, time_to_first_draw=2.0)
+    _add_leapfrog_costs({"run": idata}, target, 4)
+    attrs = idata.posterior.attrs
+    # 2000 batched evaluations (gradients and densities) in one second.
+    np.testing.assert_allclose(attrs["leapfrog_cost_ratio"] * attrs["target_gradient_seconds"], 1.0 / 2000)
+    assert idata.sample_stats.attrs["leapfrog_cost_ratio"] == attrs["leapfrog_cost_ratio"]
+    assert "one leapfrog step costs" in _time_line("run", idata)
+
+
+def test_suite_table_shows_the_leapfrog_costs():
+    line = suite_table_markdown([_row(neutra_leapfrog_cost_ratio=1.84, nuts_leapfrog_cost_ratio=1.1)])
+    assert "| 1.8 / 1.1 |" in line.splitlines()[2]

@@ -276,7 +276,30 @@ def _time_line(label: str, idata: Any) -> str:
                        if seconds >= 0.005)
     total, first = attrs.get("total_time"), attrs.get("time_to_first_draw")
     head = f"{total:.1f} s all-in, first draw at {first:.1f} s" if total is not None else "seconds"
-    return f"{label}: {head} ({phases})"
+    cost = attrs.get("leapfrog_cost_ratio")
+    tail = "" if cost is None else f"; one leapfrog step costs {cost:.2g}x a bare target gradient"
+    return f"{label}: {head} ({phases}){tail}"
+
+
+def _add_leapfrog_costs(idatas: Mapping[str, Any], the_target: Target, num_chains: int) -> None:
+    """Writes each run's ``leapfrog_cost_ratio`` (and the yardstick ``target_gradient_seconds``) to its attrs.
+
+    The ratio is the sampling phase's seconds per batched gradient evaluation
+    (a leapfrog step of every chain, with the flow's forward pass, its log-det
+    and the loop's bookkeeping; independence proposals' density evaluations
+    counted as evaluations too) over the seconds of one bare compiled gradient
+    of the target at as many points. 1 means the sampler adds nothing to the
+    target's own cost; NeuTra's flow shows as the excess.
+    """
+    from neutra_flows._timing import seconds_per_gradient
+
+    bare = seconds_per_gradient(the_target, num_chains)
+    for idata in idatas.values():
+        attrs = idata.posterior.attrs
+        evals = float(attrs.get("num_grad_evals_sampling", 0)) + float(attrs.get("num_density_evals_sampling", 0))
+        ratio = float(attrs["sampling_time"]) / (evals / num_chains) / bare if evals > 0 and bare > 0 else math.nan
+        for group in (idata.posterior, idata.sample_stats):
+            group.attrs.update(leapfrog_cost_ratio=ratio, target_gradient_seconds=bare)
 
 
 def _adaptation_outcome(attrs: Mapping[str, Any]) -> str:
@@ -577,6 +600,7 @@ def run_benchmark(
     fit_result = _train(the_target, settings, progress=progress, say=say)
     idatas, flow_sampled = _sample_runs(the_target, fit_result, settings, baseline_idata=baseline_idata,
                                         progress=progress)
+    _add_leapfrog_costs(idatas, the_target, settings["num_chains"])
     table = compare(idatas)
     result = BenchResult(table=table, goals=_judge(table, idatas, the_target, spec, settings), fit=fit_result,
                          idatas=idatas, settings=settings, target=the_target, view=spec.view,

@@ -111,6 +111,7 @@ def _time_figures(result: Any) -> dict[str, Any]:
         figures[f"{key}_total_time"] = float(attrs.get("total_time", math.nan))
         figures[f"{key}_time_to_first_draw"] = float(attrs.get("time_to_first_draw", math.nan))
         figures[f"{key}_phase_times"] = phase_times(idata)
+        figures[f"{key}_leapfrog_cost_ratio"] = float(attrs.get("leapfrog_cost_ratio", math.nan))
     return figures
 
 
@@ -138,11 +139,11 @@ def suite_table_markdown(rows: Sequence[dict[str, Any]]) -> str:
     head = ("| model | d | NeuTra ESS/grad | NUTS ESS/grad | ratio | NeuTra / NUTS ESS/grad incl. training "
             "| ESS/s incl. training, ratio | div. NeuTra / NUTS | R-hat NeuTra / NUTS | NeuTra max bias/MCSE "
             "| NeuTra std ratio | k-hat | whitening | all-in s NeuTra / NUTS | first draw s NeuTra / NUTS "
-            "| goals |")
-    lines = [head, "|" + "---|" * 16]
+            "| leapfrog cost / bare gradient, NeuTra / NUTS | goals |")
+    lines = [head, "|" + "---|" * 17]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['model']} | " + " | " * 14 + f"{_fmt_correct(r)} |")
+            lines.append(f"| {r['model']} | " + " | " * 15 + f"{_fmt_correct(r)} |")
             continue
         lo, hi = r["neutra_std_ratio"]
         lines.append(
@@ -156,6 +157,7 @@ def suite_table_markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"{_num(r.get('neutra_total_time'), '.1f')} / {_num(r.get('nuts_total_time'), '.1f')} | "
             f"{_num(r.get('neutra_time_to_first_draw'), '.1f')} / "
             f"{_num(r.get('nuts_time_to_first_draw'), '.1f')} | "
+            f"{_num(r.get('neutra_leapfrog_cost_ratio'), '.2g')} / {_num(r.get('nuts_leapfrog_cost_ratio'), '.2g')} | "
             f"{_fmt_correct(r)} |")
     return "\n".join(lines)
 
