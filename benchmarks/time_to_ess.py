@@ -53,7 +53,8 @@ def _one(model: str, method: str, independence_steps: int = 3) -> dict:
     if method == "adapt":
         idata = nf.sample(target, "adapt", kernel="hmc", seed=1, **common)
     elif method == "adapt-imh":
-        idata = nf.sample(target, "adapt", kernel="hmc", seed=1, independence_steps=independence_steps, **common)
+        idata = nf.sample(target, "adapt", kernel="hmc", seed=1, independence_steps=independence_steps,
+                          **common)
     elif method == "vi":
         result = nf.fit(target, nf.make_flow("iaf", target.event_size, dtype=target.dtype), num_steps=2000,
                         batch_size=256, seed=0, progress=False)
@@ -71,7 +72,8 @@ def _one(model: str, method: str, independence_steps: int = 3) -> dict:
                 ess_per_second_total=ess / float(attrs["total_time"]),
                 time_to_1000_ess=first + sampling * 1000.0 / ess if ess > 0 else float("inf"),
                 gradients=float(row["grad_evals_training"] + row["grad_evals_warmup"] + row["grad_evals"]),
-                grad_evals_sampling=float(row["grad_evals"]), density_evals_sampling=float(row["density_evals"]),
+                grad_evals_sampling=float(row["grad_evals"]),
+                density_evals_sampling=float(row["density_evals"]),
                 ess_per_eval=float(row["ess_per_eval"]),
                 independence_acceptance_rate=float(attrs.get("independence_acceptance_rate", float("nan"))),
                 max_abs_error_mcse=float(row.get("max_abs_error_mcse", float("nan"))),

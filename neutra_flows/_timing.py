@@ -46,7 +46,8 @@ class Laps:
         return time.perf_counter() - self.started
 
 
-def seconds_per_gradient(target, num_chains: int, *, jit_compile: bool = True, min_seconds: float = 0.05) -> float:
+def seconds_per_gradient(target, num_chains: int, *, jit_compile: bool = True,
+                         min_seconds: float = 0.05) -> float:
     """Seconds of one batched gradient of ``target`` at ``num_chains`` points, compiled as ``sample``'s loop.
 
     The yardstick for a sampler's cost per leapfrog step: a loop of gradient

@@ -67,7 +67,8 @@ def wrap(inner_results: Any, num_chains_like: tf.Tensor) -> NeuTraIndependenceRe
     )
 
 
-def is_independence_step(transition: tf.Tensor, num_adaptation_steps: int, independence_steps: int) -> tf.Tensor:
+def is_independence_step(transition: tf.Tensor, num_adaptation_steps: int,
+                         independence_steps: int) -> tf.Tensor:
     """Whether transition ``transition`` (0-based) is an independence proposal in the cycle."""
     after = transition - num_adaptation_steps
     return (after >= 0) & (tf.math.floormod(after, independence_steps + 1) != 0)

@@ -102,6 +102,7 @@ from tensorflow_probability.python.experimental.mcmc import (
 from tensorflow_probability.python.internal import unnest
 
 from neutra_flows import independence
+from neutra_flows._prefetch import prefetch
 from neutra_flows._utils import as_seed, check_positive_int, split_seed, stan_regularised
 from neutra_flows.adaptation import FlowAdaptation, FlowAdapter
 
@@ -446,7 +447,8 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
         """Results for the same ``z`` after the latent scale was divided by ``ratio``
         (or, given ``init_state``, after the flow changed)."""
         if self.independence_steps:
-            return results._replace(inner_results=self._rebootstrap_stack(results.inner_results, ratio, init_state))
+            stack = self._rebootstrap_stack(results.inner_results, ratio, init_state)
+            return results._replace(inner_results=stack)
         return self._rebootstrap_stack(results, ratio, init_state)
 
     def _rebootstrap_stack(self, results: Any, ratio: Any, init_state: Any) -> Any:
@@ -486,9 +488,10 @@ class NeuTraKernel(tfp.mcmc.TransitionKernel):
         no_chain = tf.zeros_like(results.independence_accepted)
 
         def neutra():
-            stack = tf.cond(results.stale_gradients,
-                            lambda: independence.refresh_gradients(results.inner_results, self._latent_log_prob),
-                            lambda: results.inner_results)
+            stack = tf.cond(
+                results.stale_gradients,
+                lambda: independence.refresh_gradients(results.inner_results, self._latent_log_prob),
+                lambda: results.inner_results)
             new_z, stack = self._kernel.one_step(z, stack, seed=step_seed)
             return (new_z, stack, no_chain, tf.zeros_like(results.independence_log_accept_ratio),
                     tf.constant(False), results.stale_gradients)
@@ -1102,6 +1105,7 @@ def sample(
     seed=run_seed)`` would with a ``NeuTraKernel(num_adaptation_steps=num_warmup)``.
     """
     called = time.perf_counter()
+    prefetch()  # ArviZ loads while the run compiles
     settings = _Settings.check(
         target, kernel=kernel, num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
         seed=seed, step_size=step_size, target_accept_prob=target_accept_prob,
@@ -1153,8 +1157,8 @@ class _Settings:
         _check_target(target)
         independence_steps = check_positive_int(independence_steps, "independence_steps", minimum=0)
         if independence_steps and not has_flow:
-            raise ValueError("independence_steps proposes draws from a flow: the baseline (flow=None) has none; "
-                             "pass a flow, a FitResult or flow='adapt', or independence_steps=0")
+            raise ValueError("independence_steps proposes draws from a flow, and the baseline (flow=None) "
+                             "has none; pass a flow, a FitResult or flow='adapt', or independence_steps=0")
         if independence_steps and strategy is not None:
             raise ValueError("independence_steps does not support a distribution strategy yet; "
                              "pass strategy=None or independence_steps=0")

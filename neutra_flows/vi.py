@@ -55,7 +55,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -65,6 +64,7 @@ import tensorflow_probability as tfp
 import tf_keras
 
 from neutra_flows import _distribute
+from neutra_flows._prefetch import prefetch
 from neutra_flows._timing import Laps
 from neutra_flows._training import (
     ChunkReport,
@@ -81,6 +81,7 @@ from neutra_flows._training import (
     step_wording,
 )
 from neutra_flows._utils import as_seed, check_positive_int, split_seed
+from neutra_flows.psis import psis_log_weights
 from neutra_flows.targets import Target
 from neutra_flows.whitening import whiten_flow, whitening_layer
 
@@ -406,12 +407,11 @@ def _check_flow(flow: Any, event_size: int, dtype: tf.DType) -> list[tf.Variable
 def psis_diagnostics(log_weights: Any) -> tuple[float, float, list[str]]:
     """PSIS ``(k-hat, importance ESS, notes)`` of raw log importance weights ``[n]``.
 
-    Uses ``arviz.psislw``. Non-finite weights are handled explicitly: NaN draws
+    Uses :func:`neutra_flows.psis.psis_log_weights` (ArviZ's ``psislw`` to
+    rounding, without importing ArviZ). Non-finite weights are handled explicitly: NaN draws
     are dropped (and reported), ``-inf`` weights (zero weight) are kept as a very
     negative finite number so the tail fit still sees them.
     """
-    import arviz as az
-
     lw = np.asarray(log_weights, dtype=np.float64).reshape(-1)
     notes = []
     nan = np.isnan(lw)
@@ -426,10 +426,7 @@ def psis_diagnostics(log_weights: Any) -> tuple[float, float, list[str]]:
         notes.append("fewer than 10 finite log weights: k-hat not computed")
         return float("nan"), 0.0, notes
     lw = np.where(finite, lw, lw[finite].min() - 1e3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        smoothed, khat = az.psislw(lw, reff=1.0)
-    smoothed = np.asarray(smoothed)
+    smoothed, khat = psis_log_weights(lw, r_eff=1.0)
     w = np.exp(smoothed - np.max(smoothed))
     ess = float(np.sum(w) ** 2 / np.sum(w**2))
     return float(khat), ess, notes
@@ -525,6 +522,7 @@ def fit(
     notes: list[str] = []
 
     # Whitening: a Gaussian written into the flow's whitening layer, then frozen.
+    prefetch()  # ArviZ and SciPy load while the run compiles
     laps = Laps()
     gaussian, variables = _whiten(target, flow, variables, whiten, seed, notes)
     laps.lap("whitening")

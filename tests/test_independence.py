@@ -13,8 +13,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from neutra_flows import Target, models
-from neutra_flows import independence
+from neutra_flows import Target, independence, models
 from neutra_flows.mcmc import NeuTraKernel, sample
 
 tfb = tfp.bijectors

@@ -122,8 +122,8 @@ def test_leapfrog_cost_ratio_divides_the_sampling_seconds_per_batched_gradient_b
     bare = seconds_per_gradient(target, 4)
     assert 0 < bare < 0.1
     idata = az.from_dict(posterior={"x": np.zeros((4, 10))}, sample_stats={"n_steps": np.ones((4, 10))})
-    idata.posterior.attrs.update(sampling_time=1.0, num_grad_evals_sampling=4000, num_density_evals_sampling=4000,
-                                 total_time=3.0, time_to_first_draw=2.0)
+    idata.posterior.attrs.update(sampling_time=1.0, num_grad_evals_sampling=4000,
+                                 num_density_evals_sampling=4000, total_time=3.0, time_to_first_draw=2.0)
     _add_leapfrog_costs({"run": idata}, target, 4)
     attrs = idata.posterior.attrs
     # 2000 batched evaluations (gradients and densities) in one second.

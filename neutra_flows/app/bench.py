@@ -296,8 +296,9 @@ def _add_leapfrog_costs(idatas: Mapping[str, Any], the_target: Target, num_chain
     bare = seconds_per_gradient(the_target, num_chains)
     for idata in idatas.values():
         attrs = idata.posterior.attrs
-        evals = float(attrs.get("num_grad_evals_sampling", 0)) + float(attrs.get("num_density_evals_sampling", 0))
-        ratio = float(attrs["sampling_time"]) / (evals / num_chains) / bare if evals > 0 and bare > 0 else math.nan
+        evals = sum(float(attrs.get(k, 0)) for k in ("num_grad_evals_sampling", "num_density_evals_sampling"))
+        per_batch = float(attrs["sampling_time"]) / (evals / num_chains) if evals > 0 else math.nan
+        ratio = per_batch / bare if bare > 0 else math.nan
         for group in (idata.posterior, idata.sample_stats):
             group.attrs.update(leapfrog_cost_ratio=ratio, target_gradient_seconds=bare)
 

@@ -157,7 +157,8 @@ def suite_table_markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"{_num(r.get('neutra_total_time'), '.1f')} / {_num(r.get('nuts_total_time'), '.1f')} | "
             f"{_num(r.get('neutra_time_to_first_draw'), '.1f')} / "
             f"{_num(r.get('nuts_time_to_first_draw'), '.1f')} | "
-            f"{_num(r.get('neutra_leapfrog_cost_ratio'), '.2g')} / {_num(r.get('nuts_leapfrog_cost_ratio'), '.2g')} | "
+            f"{_num(r.get('neutra_leapfrog_cost_ratio'), '.2g')} / "
+            f"{_num(r.get('nuts_leapfrog_cost_ratio'), '.2g')} | "
             f"{_fmt_correct(r)} |")
     return "\n".join(lines)
 
