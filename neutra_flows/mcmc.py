@@ -102,7 +102,6 @@ from tensorflow_probability.python.experimental.mcmc import (
 from tensorflow_probability.python.internal import unnest
 
 from neutra_flows import independence
-from neutra_flows._prefetch import prefetch
 from neutra_flows._utils import as_seed, check_positive_int, split_seed, stan_regularised
 from neutra_flows.adaptation import FlowAdaptation, FlowAdapter
 
@@ -1105,7 +1104,6 @@ def sample(
     seed=run_seed)`` would with a ``NeuTraKernel(num_adaptation_steps=num_warmup)``.
     """
     called = time.perf_counter()
-    prefetch()  # ArviZ loads while the run compiles
     settings = _Settings.check(
         target, kernel=kernel, num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
         seed=seed, step_size=step_size, target_accept_prob=target_accept_prob,

@@ -9,9 +9,11 @@ they are not. The Pareto fit is Zhang and Stephens' empirical-Bayes estimate
 distribution", Technometrics 2009) with the paper's weakly informative prior
 on ``k``, as in ArviZ's ``psislw`` and the ``loo`` package.
 
-NumPy only: the whitening stage and ``fit`` score flows with it before the
-sampler is compiled, and ``import arviz`` (1-1.7 s, cold) can then load in the
-background instead of on that path (``neutra_flows._prefetch``).
+NumPy only: ``fit`` and the whitening stage score flows without importing
+ArviZ (1-1.7 s on a cold CPU, as it loads matplotlib), which a user of ``fit``
+alone then never pays for. (Importing it in a background thread while the
+sampler compiles was tried and measured slower: the threads contend for the
+GIL and the two cores.)
 """
 
 from __future__ import annotations

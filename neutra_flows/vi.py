@@ -64,7 +64,6 @@ import tensorflow_probability as tfp
 import tf_keras
 
 from neutra_flows import _distribute
-from neutra_flows._prefetch import prefetch
 from neutra_flows._timing import Laps
 from neutra_flows._training import (
     ChunkReport,
@@ -522,7 +521,6 @@ def fit(
     notes: list[str] = []
 
     # Whitening: a Gaussian written into the flow's whitening layer, then frozen.
-    prefetch()  # ArviZ and SciPy load while the run compiles
     laps = Laps()
     gaussian, variables = _whiten(target, flow, variables, whiten, seed, notes)
     laps.lap("whitening")

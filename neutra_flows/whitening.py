@@ -54,7 +54,6 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 import tf_keras
 
-from neutra_flows._prefetch import prefetch
 from neutra_flows._timing import Laps
 from neutra_flows._utils import as_seed, check_positive_int, split_seed
 
@@ -405,7 +404,6 @@ def fit_gaussian(
     if num_fixed_draws is None:
         num_fixed_draws = max(32, 2 * d) if dadvi_full_rank else 32
     map_seed, draw_seed, elbo_seed = split_seed(seed, 3)
-    prefetch()  # ArviZ (PSIS) loads while L-BFGS compiles
     counter, notes, laps = _Counter(), [], Laps()
 
     try:
