@@ -59,7 +59,8 @@ COMPARE_COLUMNS: dict[str, str] = {
     "time_to_first_draw": "seconds from the call (and the flow's training) to the first kept draw",
     "ess_per_second": "min_ess_bulk / sampling_time",
     "ess_per_second_total": "min_ess_bulk / total_time",
-    "max_abs_error_mcse": "largest |mean - true mean| / MCSE (needs the truth)",
+    "max_abs_error_mcse": "largest |mean - true mean| / sqrt(MCSE^2 + SE^2), SE the truth's own standard "
+    "error where known (needs the truth; a derived quantity's too)",
     "min_std_ratio": "smallest posterior std / true std (needs the truth)",
     "max_std_ratio": "largest posterior std / true std (needs the truth)",
 }
@@ -106,6 +107,9 @@ def _as_truth(ground_truth: Any) -> tuple[dict | None, dict | None] | None:
         return None
     if hasattr(ground_truth, "ground_truth_mean") and hasattr(ground_truth, "ground_truth_std"):
         mean, std = ground_truth.ground_truth_mean, ground_truth.ground_truth_std
+        se = getattr(ground_truth, "ground_truth_mean_se", None)
+        if se is not None and mean is not None:
+            return mean, std, se
     elif isinstance(ground_truth, (tuple, list)) and len(ground_truth) == 2:
         mean, std = ground_truth
     else:
@@ -121,18 +125,36 @@ def _as_truth(ground_truth: Any) -> tuple[dict | None, dict | None] | None:
     return mean, std
 
 
-def _truth_from_attrs(idata: Any) -> tuple[dict | None, dict | None] | None:
-    raw = _attr(idata, "ground_truth")
+def _truth_from_attrs(idata: Any, key: str = "ground_truth") -> tuple | None:
+    """``(mean, std, mean_se)`` dicts from the attrs ``sample`` wrote (``mean_se`` may be None)."""
+    raw = _attr(idata, key)
     if raw is None:
         return None
     parsed = json.loads(raw)
-    return _as_truth((parsed.get("mean"), parsed.get("std")))
+    truth = _as_truth((parsed.get("mean"), parsed.get("std")))
+    return None if truth is None else (*truth, parsed.get("mean_se"))
+
+
+def _derived_truth_of(target: Any) -> tuple | None:
+    """A given Target's derived quantity's truth ``(mean, std, mean_se)``, or None."""
+    derived = getattr(target, "derived", None)
+    if derived is None or not derived.has_truth:
+        return None
+    return derived.ground_truth_mean, derived.ground_truth_std, derived.ground_truth_mean_se
+
+
+def _derived_posterior(idata: Any) -> xr.Dataset | None:
+    from neutra_flows.derived import GROUP
+
+    return getattr(idata, GROUP, None) if GROUP in getattr(idata, "groups", lambda: [])() else None
 
 
 def _truth_figures(posterior: xr.Dataset, truth) -> dict[str, float]:
+    """Bias in units of ``sqrt(MCSE^2 + SE^2)`` (``SE`` the truth's own error, where known) and std ratios."""
     import arviz as az
 
-    mean_truth, std_truth = truth
+    mean_truth, std_truth, *rest = truth
+    se_truth = rest[0] if rest else None
     errors, ratios = [], []
     mcse = az.mcse(posterior, method="mean")
     for name in posterior.data_vars:
@@ -141,6 +163,9 @@ def _truth_figures(posterior: xr.Dataset, truth) -> dict[str, float]:
         if mean_truth is not None and name in mean_truth:
             true_mean = np.broadcast_to(np.asarray(mean_truth[name], np.float64), draws.shape[2:])
             se = np.asarray(mcse[name], np.float64).reshape(-1)
+            if se_truth is not None and name in se_truth:
+                own = np.broadcast_to(np.asarray(se_truth[name], np.float64), draws.shape[2:]).reshape(-1)
+                se = np.sqrt(se**2 + own**2)
             errors.append(np.abs(flat.mean(axis=0) - true_mean.reshape(-1)) / se)
         if std_truth is not None and name in std_truth:
             true_std = np.broadcast_to(np.asarray(std_truth[name], np.float64), draws.shape[2:])
@@ -155,7 +180,7 @@ def _truth_figures(posterior: xr.Dataset, truth) -> dict[str, float]:
     return out
 
 
-def _row(idata: Any, truth) -> dict[str, Any]:
+def _row(idata: Any, truth, derived_truth=None) -> dict[str, Any]:
     import arviz as az
 
     posterior = _float64_posterior(idata)
@@ -208,8 +233,14 @@ def _row(idata: Any, truth) -> dict[str, Any]:
         ess_per_second=ratio(ess_bulk, sampling_time),
         ess_per_second_total=ratio(ess_bulk, total_time),
     )
-    if truth is not None:
-        row.update(_truth_figures(posterior, truth))
+    figures = [] if truth is None else [_truth_figures(posterior, truth)]
+    derived = _derived_posterior(idata)
+    if derived_truth is not None and derived is not None:
+        figures.append(_truth_figures(derived.map(lambda v: v.astype(np.float64)), derived_truth))
+    for key, worst in (("max_abs_error_mcse", max), ("min_std_ratio", min), ("max_std_ratio", max)):
+        values = [f[key] for f in figures if key in f and not math.isnan(f[key])]
+        if values:
+            row[key] = worst(values)
     return row
 
 
@@ -227,7 +258,13 @@ def compare(runs: Mapping[str, Any], ground_truth: Any = None) -> pd.DataFrame:
         known truth, or a pair ``(mean_dict, std_dict)`` keyed like the
         posterior's variables (either may be ``None``). Variables missing from
         the truth are skipped in the truth columns; a given truth that names
-        none of the runs' variables is an error.
+        none of the runs' variables is an error. A run with a
+        ``derived_posterior`` group (a target's
+        :class:`~neutra_flows.derived.DerivedQuantity`, e.g. inference_gym's
+        transformations) is also checked against that quantity's truth (from
+        the attrs, or from a given Target's ``derived``); the truth columns then
+        report the worst of both. A truth's own standard error
+        (``ground_truth_mean_se``) widens the bias test.
 
     Returns:
       A ``pandas.DataFrame`` indexed by label with the columns of
@@ -264,12 +301,16 @@ def compare(runs: Mapping[str, Any], ground_truth: Any = None) -> pd.DataFrame:
             raise ValueError(f"runs[{label!r}] is a {type(idata).__name__}, not an InferenceData with a "
                              "posterior group: runs must be a mapping {label: InferenceData}")
     common = _as_truth(ground_truth)
+    derived_common = _derived_truth_of(ground_truth)
     if common is not None:
         _check_truth_names(common, {name for idata in runs.values() for name in idata.posterior.data_vars})
     rows = {}
     for label, idata in runs.items():
         truth = common if common is not None else _truth_from_attrs(idata)
-        rows[str(label)] = _row(idata, truth)
+        # A derived quantity's truth (sample's derived_posterior group) counts unless a truth was given.
+        derived = (derived_common if ground_truth is not None
+                   else _truth_from_attrs(idata, "derived_ground_truth"))
+        rows[str(label)] = _row(idata, truth, derived)
     table = pd.DataFrame.from_dict(rows, orient="index")
     columns = [c for c in COMPARE_COLUMNS if c in table.columns]
     return table[columns]

@@ -31,6 +31,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import unnest
 
+__all__ = ["NeuTraIndependenceResults", "count_proposals", "is_independence_step", "propose"]
+
 
 class NeuTraIndependenceResults(NamedTuple):
     """Kernel results of :class:`~neutra_flows.NeuTraKernel` with independence proposals.

@@ -46,6 +46,7 @@ import tensorflow_probability as tfp
 
 from neutra_flows import _checks, _layout
 from neutra_flows._utils import as_seed, check_positive_int
+from neutra_flows.derived import DerivedQuantity, named_leaves
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -80,6 +81,13 @@ class Target:
         deviation in the constrained space, as a dict keyed like
         :meth:`named_draws` or as one array of shape ``event_shape``; ``None`` when
         unknown.
+      ground_truth_mean_se: the truth's own Monte Carlo standard error of the
+        mean (shaped like ``ground_truth_mean``), where the truth is itself an
+        estimate; ``compare`` then tests ``|mean - truth| / sqrt(MCSE^2 + SE^2)``.
+      derived: a :class:`~neutra_flows.derived.DerivedQuantity` (a function of the
+        draws with its own truth) that ``sample`` evaluates on the draws and
+        ``compare`` checks; ``from_inference_gym`` makes one where the gym's
+        truth is not of the sampled variables.
       sample_fn: optional exact sampler ``(n, seed) -> [n, *event_shape]`` draws in
         the constrained space (the space of ``log_prob_fn``).
       validate: evaluate the density at a few fixed points now and raise a
@@ -107,6 +115,8 @@ class Target:
         ground_truth_std: Any = None,
         sample_fn: Callable[[int, Any], Any] | None = None,
         validate: bool = True,
+        ground_truth_mean_se: Any = None,
+        derived: Any = None,
     ):
         if not callable(log_prob_fn):
             raise ValueError(f"log_prob_fn must be callable, got {type(log_prob_fn).__name__}")
@@ -119,6 +129,11 @@ class Target:
         self._sample_fn = sample_fn
         self._ground_truth_mean = self._layout.named_values(ground_truth_mean, "ground_truth_mean", self._dtype)
         self._ground_truth_std = self._layout.named_values(ground_truth_std, "ground_truth_std", self._dtype)
+        self._ground_truth_mean_se = self._layout.named_values(ground_truth_mean_se, "ground_truth_mean_se",
+                                                               self._dtype)
+        if derived is not None and not callable(getattr(derived, "draws", None)):
+            raise ValueError(f"derived must be a DerivedQuantity, got {type(derived).__name__}")
+        self.derived = derived
         if validate:
             _checks.validate_at_start(self)
 
@@ -192,10 +207,19 @@ class Target:
 
         The model needs ``unnormalized_log_prob(x)``, ``default_event_space_bijector``
         (a bijector, or a structure of bijectors matching ``event_shape``),
-        ``event_shape`` and ``dtype`` (both possibly structures). If it has
-        ``sample_transformations['identity']`` with ``ground_truth_mean`` /
-        ``ground_truth_standard_deviation``, those become the ground truth.
-        ``inference_gym`` itself is not needed.
+        ``event_shape`` and ``dtype`` (both possibly structures: a dict, a
+        namedtuple, the gym's ``StructTuple``). ``inference_gym`` itself is not needed.
+
+        The truth comes from ``sample_transformations['identity']`` (its
+        ``ground_truth_mean``, ``ground_truth_standard_deviation`` and
+        ``ground_truth_mean_standard_error``). Where that transformation really
+        is the identity on the model's variables (checked at a few points), the
+        truth is the variables' own. Elsewhere (the gym's stochastic-volatility
+        models centre the log-volatility; its Brownian-motion models stack
+        ``x_0 ... x_29`` into ``locs``) the transformation becomes the target's
+        :attr:`derived` quantity: ``sample`` applies it to the draws and
+        ``compare`` checks those against the truth. A part of the truth that
+        matches no output is dropped with a ``UserWarning`` saying why.
         """
         needed = ("unnormalized_log_prob", "default_event_space_bijector", "event_shape", "dtype")
         missing = [a for a in needed if not hasattr(model, a)]
@@ -203,6 +227,20 @@ class Target:
             raise ValueError(
                 f"from_inference_gym needs a model with {list(needed)}; {type(model).__name__} lacks {missing}"
             )
+        try:
+            return cls._from_gym_model(model, validate)
+        except ModuleNotFoundError as err:
+            if "tensorflow_datasets" not in str(err):
+                raise
+            raise ValueError(
+                f"{getattr(model, 'name', None) or type(model).__name__} is conditioned on a dataset that "
+                "inference_gym downloads with TensorFlow Datasets, which is not installed: pip install "
+                "tensorflow-datasets (the first load also needs network access). The German credit numeric "
+                "regressions ship with this package: neutra_flows.models.german_credit_numeric_regression"
+            ) from err
+
+    @classmethod
+    def _from_gym_model(cls, model: Any, validate: bool) -> Target:
         structured = tf.nest.is_nested(model.dtype)
         bijector = model.default_event_space_bijector
         if not isinstance(bijector, tfb.Bijector):
@@ -210,21 +248,29 @@ class Target:
         log_prob, event_shape, dtype, bijector = _as_structure(
             model.unnormalized_log_prob, model.event_shape, model.dtype, bijector
         )
-        gt_mean, gt_std = _gym_ground_truth(model)
-        if not structured:
-            gt_mean = None if gt_mean is None else [gt_mean]
-            gt_std = None if gt_std is None else [gt_std]
-        return cls(
-            log_prob,
-            event_shape,
-            dtype,
-            bijector,
-            _layout.variable_names(dtype) if structured else ["x"],
-            name=str(getattr(model, "name", None) or type(model).__name__),
-            ground_truth_mean=gt_mean,
-            ground_truth_std=gt_std,
-            validate=validate,
-        )
+        kwargs = dict(name=str(getattr(model, "name", None) or type(model).__name__), validate=validate)
+        names = _layout.variable_names(dtype) if structured else ["x"]
+        target = cls(log_prob, event_shape, dtype, bijector, names, name=kwargs["name"], validate=False)
+        transformations = getattr(model, "sample_transformations", None) or {}
+        identity = transformations.get("identity") if isinstance(transformations, Mapping) else None
+        if identity is None:
+            return cls(log_prob, event_shape, dtype, bijector, names, **kwargs)
+        # The target hands the model's value wrapped in a list when the model has one array.
+        as_model = (lambda value: value) if structured else (lambda value: value[0])
+        # A transformation that only carries a truth (no function) is taken at its name: the identity.
+        apply = identity if callable(identity) else (lambda value: value)
+        derived = DerivedQuantity.build(
+            lambda value: apply(as_model(value)), target.constrain(_probe_points(target)), name="identity",
+            mean=getattr(identity, "ground_truth_mean", None),
+            std=getattr(identity, "ground_truth_standard_deviation", None),
+            mean_se=getattr(identity, "ground_truth_mean_standard_error", None), owner=kwargs["name"])
+        if not derived.has_truth:
+            return cls(log_prob, event_shape, dtype, bijector, names, **kwargs)
+        if _is_identity(derived, target):
+            return cls(log_prob, event_shape, dtype, bijector, names, **kwargs,
+                       ground_truth_mean=derived.ground_truth_mean, ground_truth_std=derived.ground_truth_std,
+                       ground_truth_mean_se=derived.ground_truth_mean_se)
+        return cls(log_prob, event_shape, dtype, bijector, names, **kwargs, derived=derived)
 
     # -- the contract -----------------------------------------------------------
 
@@ -257,6 +303,11 @@ class Target:
     @property
     def ground_truth_std(self) -> dict[str, np.ndarray] | None:
         return None if self._ground_truth_std is None else dict(self._ground_truth_std)
+
+    @property
+    def ground_truth_mean_se(self) -> dict[str, np.ndarray] | None:
+        """The truth's own standard error of the mean, where it is an estimate; else None."""
+        return None if self._ground_truth_mean_se is None else dict(self._ground_truth_mean_se)
 
     @property
     def has_exact_sampler(self) -> bool:
@@ -402,10 +453,17 @@ def _resolved_names(jd: Any) -> list[str] | None:
         return None
 
 
-def _gym_ground_truth(model: Any) -> tuple[Any, Any]:
-    transformations = getattr(model, "sample_transformations", None) or {}
-    identity = transformations.get("identity") if isinstance(transformations, Mapping) else None
-    if identity is None:
-        return None, None
-    std = getattr(identity, "ground_truth_standard_deviation", None)
-    return getattr(identity, "ground_truth_mean", None), std
+def _probe_points(target: Target) -> tf.Tensor:
+    """A few fixed unconstrained points, to evaluate a transformation at."""
+    return tf.random.stateless_normal([3, target.event_size], seed=[3, 5], dtype=target.dtype)
+
+
+def _is_identity(derived: DerivedQuantity, target: Target) -> bool:
+    """Whether ``derived`` returns the target's own variables (same names, shapes and values)."""
+    if derived.shapes != target.event_shapes:
+        return False
+    z = _probe_points(target)
+    out = named_leaves(derived.fn(target.constrain(z)))
+    own = target.named_draws(z.numpy())
+    return all(np.allclose(np.asarray(out[k], np.float64), np.asarray(own[k], np.float64), rtol=1e-5, atol=1e-6)
+               for k in own)

@@ -39,6 +39,7 @@ from neutra_flows.diagnostics import compare
 from neutra_flows.flows import make_flow
 from neutra_flows.io import _check_target_folder, save_flow
 from neutra_flows.mcmc import _target_accept_prob, sample
+from neutra_flows.models.gym import GYM_MODELS
 from neutra_flows.models.posteriordb import POSTERIORDB_MODELS
 from neutra_flows.targets import Target
 from neutra_flows.vi import fit
@@ -199,6 +200,21 @@ BENCHMARKS: dict[str, BenchSpec] = {
 }
 # posteriordb's names are long but unambiguous.
 BENCHMARKS.update({name: _posteriordb_spec(name) for name in POSTERIORDB_MODELS})
+
+
+def _gym_spec(name: str) -> BenchSpec:
+    def make_target() -> Target:
+        from neutra_flows.models.gym import load_gym
+
+        return load_gym(name)
+
+    return BenchSpec(make_target=make_target,
+                     description=f"inference_gym {name}, {GYM_MODELS[name]}-D (Stan reference, with its error)",
+                     goals=SUITE_GOALS)
+
+
+# The gym's class names; all but German credit need the optional extra (a clear error without it).
+BENCHMARKS.update({name: _gym_spec(name) for name in GYM_MODELS})
 
 
 @dataclasses.dataclass

@@ -8,10 +8,12 @@
 ``neutra-flows sample FILE.py:FUNCTION``
     the same pipeline on a user's model: ``FUNCTION()`` returns a
     :class:`neutra_flows.Target` or a pinned TFP ``JointDistribution``.
-``neutra-flows suite [--models NAME ...] --out DIR``
+``neutra-flows suite [--models NAME ...] [--gym [--gym-large]] --out DIR``
     NeuTra and NUTS on every real model of the suite (posteriordb and the
-    built-in targets), one table (markdown and JSON) and one figure, with a
-    progress line per model (:mod:`neutra_flows.app.suite`).
+    built-in targets; with ``--gym``, inference_gym's models of 25-501
+    parameters, ``pip install "neutra-flows[gym]"``), one table (markdown and
+    JSON) and one figure, with a progress line per model
+    (:mod:`neutra_flows.app.suite`).
 ``neutra-flows list``
     the built-in targets and flows.
 
@@ -130,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="NeuTra's flow is trained on the warm-up draws (as bench --adapt), not by VI")
     suite.add_argument("--target-accept", type=_probability, default=None, metavar="P",
                        help=_TARGET_ACCEPT_HELP)
+    suite.add_argument("--gym", action="store_true",
+                       help="inference_gym's models of 25-501 parameters instead (pip install "
+                            "'neutra-flows[gym]')")
+    suite.add_argument("--gym-large", action="store_true",
+                       help="with --gym: also the 2519-D stochastic volatility (slow)")
     sub.add_parser("list", help="list the built-in targets and flows")
     return parser
 
@@ -272,11 +279,21 @@ def _others_note(out: str, files: Sequence[str]) -> str:
 def _out_subfolders(args: argparse.Namespace) -> list[str]:
     """The folders a run writes under ``--out``: one per flow of a sweep, one per suite model."""
     if args.command == "suite":
-        from neutra_flows.app.suite import SUITE_MODELS
-
-        return list(args.models or SUITE_MODELS)
+        return _suite_models(args)
     flows = getattr(args, "flow", None)
     return list(dict.fromkeys(flows)) if flows and len(set(flows)) > 1 else []
+
+
+def _suite_models(args: argparse.Namespace) -> list[str]:
+    """``--models``, else the gym's (``--gym``, ``--gym-large``), else the posteriordb suite's."""
+    from neutra_flows.app.suite import GYM_SUITE_MODELS, SUITE_MODELS
+    from neutra_flows.models.gym import GYM_LARGE_MODELS
+
+    if args.models:
+        return list(args.models)
+    if args.gym or args.gym_large:
+        return list(GYM_SUITE_MODELS) + (list(GYM_LARGE_MODELS) if args.gym_large else [])
+    return list(SUITE_MODELS)
 
 
 def _run_suite(args: argparse.Namespace) -> int:
@@ -285,7 +302,7 @@ def _run_suite(args: argparse.Namespace) -> int:
     protocol = {"adapt": True} if args.adapt else {}
     if args.target_accept is not None:
         protocol["target_accept_prob"] = args.target_accept
-    rows = run_suite(args.models, out=args.out, seed=args.seed, **protocol,
+    rows = run_suite(_suite_models(args), out=args.out, seed=args.seed, **protocol,
                      log=None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)))
     print(suite_table_markdown(rows), flush=True)
     print(f"wrote suite.md, suite.json and suite_ess_per_grad.png to {args.out}", flush=True)

@@ -37,9 +37,10 @@ from neutra_flows.app.bench import (
     run_benchmark,
     write_outputs,
 )
+from neutra_flows.models.gym import GYM_LARGE_MODELS, GYM_MODELS
 from neutra_flows.models.posteriordb import POSTERIORDB_MODELS
 
-__all__ = ["SUITE_MODELS", "run_suite", "suite_table_markdown"]
+__all__ = ["GYM_SUITE_MODELS", "SUITE_MODELS", "run_suite", "suite_table_markdown"]
 
 #: The posteriordb models and the built-in targets with a known truth (eight
 #: schools has none and is reported without correctness).
@@ -47,6 +48,10 @@ SUITE_MODELS: tuple[str, ...] = (
     *POSTERIORDB_MODELS, "banana", "funnel", "funnel-100", "ill-conditioned-gaussian", "german-credit",
     "eight-schools",
 )
+
+#: ``suite --gym``: inference_gym's models that need no download, 25 to 501 parameters
+#: (``--gym-large`` adds the 2519-D stochastic volatility).
+GYM_SUITE_MODELS: tuple[str, ...] = tuple(m for m in GYM_MODELS if m not in GYM_LARGE_MODELS)
 
 # One protocol for every model: the defaults a new user gets.
 _PROTOCOL = dict(flow="iaf", kernel="hmc", num_chains=4, num_warmup=1000, num_samples=1000,
@@ -214,7 +219,8 @@ def run_suite(
         settings.pop("flow")
     unknown = [m for m in models if m not in BENCHMARKS]
     if unknown:
-        raise ValueError(f"unknown suite model(s) {unknown}; choose from {list(SUITE_MODELS)}")
+        raise ValueError(f"unknown suite model(s) {unknown}; choose from {list(SUITE_MODELS)} "
+                         f"or the gym's {list(GYM_MODELS)}")
     if out is not None:
         os.makedirs(out, exist_ok=True)
     rows: list[dict[str, Any]] = []

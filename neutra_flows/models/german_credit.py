@@ -28,7 +28,7 @@ from neutra_flows.targets import Target
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
-__all__ = ["german_credit_sparse_logistic_regression", "load_german_credit"]
+__all__ = ["german_credit_numeric_regression", "german_credit_sparse_logistic_regression", "load_german_credit"]
 
 _SCALE_BIJECTORS: dict[str, Callable[[], tfb.Bijector]] = {"exp": tfb.Exp, "softplus": tfb.Softplus}
 
@@ -108,3 +108,44 @@ def german_credit_sparse_logistic_regression(*, dtype: Any = tf.float32, scale_b
         ground_truth_mean=_german_credit_truth.MEAN,
         ground_truth_std=_german_credit_truth.STD,
     )
+
+
+def german_credit_numeric_regression(link: str = "logistic", *, dtype: Any = tf.float32) -> Target:
+    """Logistic or probit regression on German credit (numeric), 25-D: inference_gym's
+    ``GermanCreditNumericLogisticRegression`` / ``...ProbitRegression``.
+
+    ::
+
+        weights[i] ~ N(0, 1),   i < 25
+        label[j] ~ Bernoulli(logit(p_j) = features[j] @ weights)     (link="logistic")
+        label[j] ~ Bernoulli(p_j = Phi(features[j] @ weights))       (link="probit")
+
+    on :func:`load_german_credit`'s data (inference_gym downloads it with
+    TensorFlow Datasets; it ships here). Ground truth: inference_gym's published
+    CmdStan estimates with their standard errors
+    (:mod:`neutra_flows.models._german_credit_numeric_truth`).
+    """
+    from neutra_flows.models import _german_credit_numeric_truth as truth
+
+    if link not in ("logistic", "probit"):
+        raise ValueError(f"link must be 'logistic' or 'probit', got {link!r}")
+    dtype = canonical_dtype(dtype)
+    features_np, labels_np = load_german_credit()
+    features = tf.constant(features_np, dtype)
+    labels = tf.constant(labels_np, dtype)
+
+    def log_prob_fn(w):
+        eta = tf.einsum("nd,...d->...n", features, w)
+        if link == "logistic":
+            loglik = labels * eta - tf.nn.softplus(eta)
+        else:
+            # log Phi(eta) and log Phi(-eta) = log(1 - Phi(eta)), stable in both tails.
+            loglik = labels * tfd.Normal(tf.zeros([], dtype), 1.0).log_cdf(eta) + (1.0 - labels) * tfd.Normal(
+                tf.zeros([], dtype), 1.0).log_cdf(-eta)
+        return -0.5 * tf.reduce_sum(w * w, axis=-1) + tf.reduce_sum(loglik, axis=-1)
+
+    key = link.upper()
+    return Target(log_prob_fn, features_np.shape[1], dtype, name=f"german_credit_numeric_{link}_regression",
+                  ground_truth_mean=getattr(truth, f"{key}_MEAN"),
+                  ground_truth_std=getattr(truth, f"{key}_STD"),
+                  ground_truth_mean_se=getattr(truth, f"{key}_MEAN_STANDARD_ERROR"))
