@@ -55,7 +55,8 @@ def _centred(x):
 
 def test_a_transformation_that_is_the_identity_gives_the_variables_their_own_truth():
     model = _fake_model(_Transformation(lambda x: x, mean={"a": 0.0, "b": np.zeros(3)},
-                                        std={"a": 1.0, "b": np.ones(3)}, mean_se={"a": 0.01, "b": np.full(3, 0.01)}))
+                                        std={"a": 1.0, "b": np.ones(3)},
+                                        mean_se={"a": 0.01, "b": np.full(3, 0.01)}))
     target = Target.from_inference_gym(model)
     assert target.derived is None
     assert set(target.ground_truth_mean) == {"a", "b"}
@@ -208,7 +209,8 @@ def test_suite_gym_picks_the_gym_models_and_gym_large_adds_the_big_one():
     assert _suite_models(args(gym=True)) == list(GYM_SUITE_MODELS)
     assert "VectorizedStochasticVolatilitySP500" not in GYM_SUITE_MODELS
     assert _suite_models(args(gym=True, gym_large=True))[-1] == "VectorizedStochasticVolatilitySP500"
-    assert _suite_models(args(models=["kidiq-kidscore_interaction"], gym=True)) == ["kidiq-kidscore_interaction"]
+    chosen = ["kidiq-kidscore_interaction"]
+    assert _suite_models(args(models=chosen, gym=True)) == chosen
 
 
 @pytest.mark.slow
