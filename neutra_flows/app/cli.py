@@ -327,7 +327,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from neutra_flows.app.bench import BENCHMARKS
             from neutra_flows.flows import FLOW_NAMES
 
-            for name, spec in sorted(BENCHMARKS.items()):
+            from neutra_flows.models.gym import GYM_MODELS
+
+            # The built-ins and posteriordb first, then inference_gym's (the optional extra).
+            for name, spec in sorted(BENCHMARKS.items(), key=lambda item: (item[0] in GYM_MODELS, item[0])):
                 print(f"{name:26s} {spec.description}")
             print("flows: " + ", ".join(FLOW_NAMES))
             return 0
