@@ -216,7 +216,8 @@ def test_targets_module_imports_nothing_above_it():
     # derived (a target's derived quantities) sits beside targets, on the layout alone.
     allowed = {"neutra_flows", "neutra_flows._utils", "neutra_flows._layout", "neutra_flows._checks",
                "neutra_flows.derived"}
-    for module in ("neutra_flows.targets", "neutra_flows._layout", "neutra_flows._checks", "neutra_flows.derived"):
+    for module in ("neutra_flows.targets", "neutra_flows._layout", "neutra_flows._checks",
+                   "neutra_flows.derived"):
         tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("neutra_flows"):
