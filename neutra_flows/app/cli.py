@@ -326,7 +326,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "list":
             from neutra_flows.app.bench import BENCHMARKS
             from neutra_flows.flows import FLOW_NAMES
-
             from neutra_flows.models.gym import GYM_MODELS
 
             # The built-ins and posteriordb first, then inference_gym's (the optional extra).
