@@ -7,6 +7,7 @@ protocol (4 chains, 1000 warm-up + 1000 draws, seed 1 for NeuTra, 2 for NUTS):
 * ``adapt``: ``sample(target, "adapt", kernel="hmc")``, the recommended call
   (the whitening stage's Gaussian where it passes PSIS, else a flow adapted on
   the warm-up draws, or fit's IAF above 40 dimensions);
+* ``adapt-nuts``: the same call with ``kernel="nuts"`` (NUTS in the flow's latent space);
 * ``adapt-imh``: the same call with ``independence_steps=K`` (``--independence-steps``,
   default 3): after the warm-up, K independence proposals from the flow follow
   each NeuTra transition;
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import time
 
-_METHODS = ("adapt", "adapt-imh", "vi", "nuts")
+_METHODS = ("adapt", "adapt-nuts", "adapt-imh", "vi", "nuts")
 
 
 def _one(model: str, method: str, independence_steps: int = 3) -> dict:
@@ -52,6 +53,8 @@ def _one(model: str, method: str, independence_steps: int = 3) -> dict:
     common = dict(num_chains=4, num_warmup=1000, num_samples=1000, progress=False)
     if method == "adapt":
         idata = nf.sample(target, "adapt", kernel="hmc", seed=1, **common)
+    elif method == "adapt-nuts":
+        idata = nf.sample(target, "adapt", kernel="nuts", seed=1, **common)
     elif method == "adapt-imh":
         idata = nf.sample(target, "adapt", kernel="hmc", seed=1, independence_steps=independence_steps,
                           **common)
