@@ -304,3 +304,19 @@ def test_only_the_command_is_quieted(argv0, orig_argv, expected, monkeypatch):
         filters = list(warnings.filters)
         _quiet.quiet_command_start()
         assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ and warnings.filters == filters
+
+
+def test_suite_kernel_and_gym_reach_run_suite(monkeypatch, tmp_path):
+    import neutra_flows.app.suite as suite_module
+    from neutra_flows.app.cli import main
+
+    seen = {}
+
+    def fake_run_suite(models, **kwargs):
+        seen.update(models=list(models), **kwargs)
+        return []
+
+    monkeypatch.setattr(suite_module, "run_suite", fake_run_suite)
+    assert main(["suite", "--adapt", "--kernel", "nuts", "--gym", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert seen["kernel"] == "nuts" and seen["adapt"] is True
+    assert seen["models"] == list(suite_module.GYM_SUITE_MODELS)

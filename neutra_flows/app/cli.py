@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="NeuTra's flow is trained on the warm-up draws (as bench --adapt), not by VI")
     suite.add_argument("--target-accept", type=_probability, default=None, metavar="P",
                        help=_TARGET_ACCEPT_HELP)
+    suite.add_argument("--kernel", choices=["hmc", "nuts"], default=None,
+                       help="NeuTra's kernel (default hmc, as the published tables; sample's default is nuts)")
     suite.add_argument("--gym", action="store_true",
                        help="inference_gym's models of 25-501 parameters instead (pip install "
                             "'neutra-flows[gym]')")
@@ -300,6 +302,8 @@ def _run_suite(args: argparse.Namespace) -> int:
     from neutra_flows.app.suite import run_suite, suite_table_markdown
 
     protocol = {"adapt": True} if args.adapt else {}
+    if args.kernel is not None:
+        protocol["kernel"] = args.kernel
     if args.target_accept is not None:
         protocol["target_accept_prob"] = args.target_accept
     rows = run_suite(_suite_models(args), out=args.out, seed=args.seed, **protocol,
