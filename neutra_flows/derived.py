@@ -97,13 +97,20 @@ class DerivedQuantity:
 
     def truth_json(self) -> str:
         """The truth as JSON (the attrs ``derived_ground_truth``), read back by ``compare``."""
+        return truth_json(self.ground_truth_mean, self.ground_truth_std, self.ground_truth_mean_se,
+                          name=self.name)
 
-        def listify(part):
-            return None if part is None else {k: np.asarray(v, np.float64).tolist() for k, v in part.items()}
 
-        return json.dumps({"name": self.name, "mean": listify(self.ground_truth_mean),
-                           "std": listify(self.ground_truth_std),
-                           "mean_se": listify(self.ground_truth_mean_se)})
+def truth_json(mean: Mapping | None, std: Mapping | None, mean_se: Mapping | None = None, **extra: Any) -> str:
+    """``{name: array}`` truths as the JSON ``sample`` writes to the attrs (``mean_se`` only where known)."""
+
+    def listify(part):
+        return None if part is None else {k: np.asarray(v, np.float64).tolist() for k, v in part.items()}
+
+    truth = {**extra, "mean": listify(mean), "std": listify(std)}
+    if mean_se is not None:
+        truth["mean_se"] = listify(mean_se)
+    return json.dumps(truth)
 
 
 def _matched(value: Any, shapes: Mapping[str, tuple[int, ...]], what: str) -> dict[str, np.ndarray] | None:

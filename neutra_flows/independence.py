@@ -99,8 +99,9 @@ def propose(*, latent_fn, bijector, latent_scale, v, current_lp, seed) -> tuple[
     """One independence step for every chain at latent ``v`` (``u = s * v``).
 
     ``latent_fn(v)`` is the pulled-back log density the NeuTra kernel moves on,
-    ``log p(f(s v)) + log|det f'(s v)| + sum log s``; its ``sum log s`` cancels in
-    the weight ratio, so ``log w(v) = latent_fn(v) - log N(s v) - sum log s``.
+    ``log p(f(s v)) + log|det f'(s v)| + sum log s``; the proposal's density in
+    ``v`` is ``N(s v) prod s``, so ``log w(v) = latent_fn(v) - log N(s v)`` up to
+    ``sum log s``, which cancels in the ratio.
     Returns ``(v_new, z_new, lp_new, accepted, log_accept_ratio)``.
     """
     dtype = v.dtype
@@ -108,10 +109,9 @@ def propose(*, latent_fn, bijector, latent_scale, v, current_lp, seed) -> tuple[
     u_new = tf.random.stateless_normal(tf.shape(v), seed=proposal_seed, dtype=dtype)
     scale = tf.convert_to_tensor(latent_scale, dtype)
     v_new = u_new / scale
-    log_scale = tf.reduce_sum(tf.math.log(scale))
     lp_new = latent_fn(v_new)
-    log_w_new = lp_new - log_base_density(u_new) - log_scale
-    log_w_old = current_lp - log_base_density(v * scale) - log_scale
+    log_w_new = lp_new - log_base_density(u_new)
+    log_w_old = current_lp - log_base_density(v * scale)
     log_ratio = log_w_new - log_w_old
     finite = tf.math.is_finite(log_w_new) & tf.reduce_all(tf.math.is_finite(v_new), axis=-1)
     z_new = bijector.forward(v_new)

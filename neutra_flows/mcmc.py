@@ -104,7 +104,7 @@ from tensorflow_probability.python.internal import unnest
 from neutra_flows import independence
 from neutra_flows._utils import as_seed, check_positive_int, split_seed, stan_regularised
 from neutra_flows.adaptation import FlowAdaptation, FlowAdapter
-from neutra_flows.derived import GROUP
+from neutra_flows.derived import GROUP, truth_json
 
 tfb = tfp.bijectors
 
@@ -976,14 +976,7 @@ def _ground_truth_json(target: Any) -> str | None:
     if mean is None and std is None:
         return None
 
-    def listify(d):
-        return None if d is None else {k: np.asarray(v, np.float64).tolist() for k, v in d.items()}
-
-    truth = {"mean": listify(mean), "std": listify(std)}
-    mean_se = getattr(target, "ground_truth_mean_se", None)
-    if mean_se is not None:
-        truth["mean_se"] = listify(mean_se)
-    return json.dumps(truth)
+    return truth_json(mean, std, getattr(target, "ground_truth_mean_se", None))
 
 
 def sample(
@@ -1416,12 +1409,11 @@ def _assemble(plan: _Plan, s: _Settings, run: _RunRecord, flow: Any, training_ti
     derived = getattr(plan.target, "derived", None)
     if derived is not None:
         _add_derived(idata, derived, plan.target, run.z, attrs)
+    _warn_if_not_converged(idata, plan.sampler, target_name, run_kind)
+    # Timed last, so that assembly includes the convergence checks; the attrs are written once.
+    attrs.update(_phase_times(run, flow, adapter, called=called, assembly_started=assembly_started))
     for group in (idata.posterior, idata.sample_stats):
         group.attrs.update(attrs)
-    _warn_if_not_converged(idata, plan.sampler, target_name, run_kind)
-    timing = _phase_times(run, flow, adapter, called=called, assembly_started=assembly_started)
-    for group in (idata.posterior, idata.sample_stats):
-        group.attrs.update(timing)
     return idata
 
 

@@ -37,6 +37,7 @@ array(1., dtype=float32)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -248,13 +249,14 @@ class Target:
         log_prob, event_shape, dtype, bijector = _as_structure(
             model.unnormalized_log_prob, model.event_shape, model.dtype, bijector
         )
-        kwargs = dict(name=str(getattr(model, "name", None) or type(model).__name__), validate=validate)
+        name = str(getattr(model, "name", None) or type(model).__name__)
         names = _layout.variable_names(dtype) if structured else ["x"]
-        target = cls(log_prob, event_shape, dtype, bijector, names, name=kwargs["name"], validate=False)
+        make = functools.partial(cls, log_prob, event_shape, dtype, bijector, names, name=name)
         transformations = getattr(model, "sample_transformations", None) or {}
         identity = transformations.get("identity") if isinstance(transformations, Mapping) else None
         if identity is None:
-            return cls(log_prob, event_shape, dtype, bijector, names, **kwargs)
+            return make(validate=validate)
+        target = make(validate=False)  # only to evaluate the transformation at a few points
         # The target hands the model's value wrapped in a list when the model has one array.
         as_model = (lambda value: value) if structured else (lambda value: value[0])
         # A transformation that only carries a truth (no function) is taken at its name: the identity.
@@ -263,14 +265,14 @@ class Target:
             lambda value: apply(as_model(value)), target.constrain(_probe_points(target)), name="identity",
             mean=getattr(identity, "ground_truth_mean", None),
             std=getattr(identity, "ground_truth_standard_deviation", None),
-            mean_se=getattr(identity, "ground_truth_mean_standard_error", None), owner=kwargs["name"])
+            mean_se=getattr(identity, "ground_truth_mean_standard_error", None), owner=name)
         if not derived.has_truth:
-            return cls(log_prob, event_shape, dtype, bijector, names, **kwargs)
+            return make(validate=validate)
         if _is_identity(derived, target):
-            return cls(log_prob, event_shape, dtype, bijector, names, **kwargs,
-                       ground_truth_mean=derived.ground_truth_mean, ground_truth_std=derived.ground_truth_std,
-                       ground_truth_mean_se=derived.ground_truth_mean_se)
-        return cls(log_prob, event_shape, dtype, bijector, names, **kwargs, derived=derived)
+            return make(validate=validate, ground_truth_mean=derived.ground_truth_mean,
+                        ground_truth_std=derived.ground_truth_std,
+                        ground_truth_mean_se=derived.ground_truth_mean_se)
+        return make(validate=validate, derived=derived)
 
     # -- the contract -----------------------------------------------------------
 

@@ -406,39 +406,18 @@ def fit_gaussian(
     map_seed, draw_seed, elbo_seed = split_seed(seed, 3)
     counter, notes, laps = _Counter(), [], Laps()
 
-    try:
-        z_map, _, compiled = _find_map(target, map_seed, max(1, num_starts), counter, notes)
-        laps.lap("map search")
-        laplace = None if z_map is None else _laplace_tril(target, z_map, counter, notes, compiled)
-    except (tf.errors.OpError, ValueError, np.linalg.LinAlgError) as err:
-        # A failed search is a note, never a crash: the other candidates remain.
-        notes.append(f"MAP search failed ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
-                     "whitening goes on without it")
-        z_map = laplace = None
+    z_map, laplace = _map_and_laplace(target, map_seed, max(1, num_starts), counter, notes, laps)
     laps.lap("laplace")
     if laplace is None:
-        # No mode (a hierarchical model, a funnel): a Gaussian fitted without one
-        # sits in the neck and is a worse start for the flow than none (the
-        # 100-D funnel: 22 divergences against 5), so the flow learns the scales.
-        notes.append("no MAP with a positive-definite Hessian: no whitening (identity); the flow learns "
-                     "the scales")
-        # Its k-hat decides whether a flow must be fitted before anything else (the
-        # flow adaptation's start), so it gets the full draws: on the 100-D funnel 256
-        # draws missed the tail and put k-hat under 0.5.
-        elbo, elbo_se, khat = _fresh_elbo(target, np.zeros(d), np.eye(d), elbo_seed, counter,
-                                          max(num_elbo_draws, _ELBO_DRAWS))
-        laps.lap("scoring")
-        return GaussianFit(np.zeros(d), np.eye(d), "identity (no MAP)", elbo, elbo_se, False, counter.n,
-                           notes, khat=khat, phase_times=laps.seconds)
+        return _identity_without_map(target, elbo_seed, counter, notes, laps, num_elbo_draws)
     u_fixed = tf.random.stateless_normal([num_fixed_draws, d], draw_seed, dtype=dtype)
 
     # N(0, I) competes too: on a funnel the fixed-draw Gaussian is narrower than
     # the identity and a worse start for the flow (its ELBO says so).
-    candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {"identity": (np.zeros(d), np.eye(d))}
-    starts = {"N(0, I)": (np.zeros(d), np.eye(d))}
-    if laplace is not None:
-        starts = {"laplace": (np.asarray(z_map, np.float64), laplace), **starts}
-        candidates["laplace"] = starts["laplace"]
+    laplace_fit = (np.asarray(z_map, np.float64), laplace)
+    candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {"identity": (np.zeros(d), np.eye(d)),
+                                                            "laplace": laplace_fit}
+    starts = {"laplace": laplace_fit, "N(0, I)": (np.zeros(d), np.eye(d))}
     scored: dict[str, tuple[float, float, float]] = {}
     if dadvi == "when_needed":
         scored = {k: _fresh_elbo(target, loc, tril, elbo_seed, counter, num_elbo_draws)
@@ -448,41 +427,81 @@ def fit_gaussian(
         if khat < _LAPLACE_GOOD_KHAT and elbo >= scored["identity"][0]:
             notes.append(f"Laplace fit: ELBO {elbo:.4g} +/- {elbo_se:.2g}, PSIS k-hat {khat:.2f} < "
                          f"{_LAPLACE_GOOD_KHAT}: DADVI not needed")
-            return GaussianFit(np.asarray(z_map, np.float64), laplace, "laplace", elbo, elbo_se, True,
-                               counter.n, notes, khat=khat, phase_times=laps.seconds)
-        starts = {"laplace": starts["laplace"]}
-    thetas0 = np.stack([_pack(loc0, tril0 if dadvi_full_rank else np.diag(np.sqrt(np.sum(tril0**2, -1))),
-                              dadvi_full_rank)
-                        for loc0, tril0 in starts.values()])
-    try:
-        thetas = _dadvi(target, thetas0, u_fixed, dadvi_full_rank, counter)
-    except (tf.errors.OpError, ValueError) as err:
-        notes.append(f"DADVI failed ({type(err).__name__}: {str(err).splitlines()[0][:160]}); dropped")
-        thetas = np.full_like(thetas0, np.nan)
-    for label, theta in zip(starts, thetas, strict=True):
-        if not np.all(np.isfinite(theta)):
-            notes.append(f"DADVI from {label}: ended at a non-finite point; dropped")
-            continue
-        loc, tril = _unpack(tf.constant(theta, tf.float64), d, dadvi_full_rank)
-        candidates[f"dadvi from {label}"] = (loc.numpy(), tril.numpy())
+            return GaussianFit(*laplace_fit, "laplace", elbo, elbo_se, True, counter.n, notes, khat=khat,
+                               phase_times=laps.seconds)
+        starts = {"laplace": laplace_fit}
+    candidates.update(_dadvi_candidates(target, starts, u_fixed, dadvi_full_rank, counter, notes))
     laps.lap("dadvi")
 
     scored.update({k: _fresh_elbo(target, loc, tril, elbo_seed, counter, num_elbo_draws)
                    for k, (loc, tril) in candidates.items() if k not in scored})
     laps.lap("scoring")
-    if scored:
-        notes.append("whitening candidates' ELBO: " + ", ".join(
-            f"{k} {e:.4g} +/- {s:.2g}" for k, (e, s, _) in scored.items()))
+    notes.append("whitening candidates' ELBO: " + ", ".join(
+        f"{k} {e:.4g} +/- {s:.2g}" for k, (e, s, _) in scored.items()))
     finite = {k: v for k, v in scored.items() if math.isfinite(v[0])}
     if not finite:
         notes.append("whitening failed (no candidate has a finite ELBO): the identity is used")
-        return GaussianFit(np.zeros(d), np.eye(d), "identity", -math.inf, math.inf, laplace is not None,
+        return GaussianFit(np.zeros(d), np.eye(d), "identity", -math.inf, math.inf, True,
                            counter.n, notes, khat=math.inf, phase_times=laps.seconds)
     best = max(finite, key=lambda k: finite[k][0])
     loc, tril = candidates[best]
     elbo, elbo_se, khat = finite[best]
     return GaussianFit(np.asarray(loc, np.float64), np.asarray(tril, np.float64), best, elbo, elbo_se,
-                       laplace is not None, counter.n, notes, khat=khat, phase_times=laps.seconds)
+                       True, counter.n, notes, khat=khat, phase_times=laps.seconds)
+
+
+def _identity_without_map(target, seed, counter: _Counter, notes: list[str], laps: Laps,
+                          num_elbo_draws: int) -> GaussianFit:
+    """The identity, scored, where there is no mode to fit a Gaussian at."""
+    d = target.event_size
+    # No mode (a hierarchical model, a funnel): a Gaussian fitted without one
+    # sits in the neck and is a worse start for the flow than none (the
+    # 100-D funnel: 22 divergences against 5), so the flow learns the scales.
+    notes.append("no MAP with a positive-definite Hessian: no whitening (identity); the flow learns "
+                 "the scales")
+    # Its k-hat decides whether a flow must be fitted before anything else (the
+    # flow adaptation's start), so it gets the full draws: on the 100-D funnel 256
+    # draws missed the tail and put k-hat under 0.5.
+    elbo, elbo_se, khat = _fresh_elbo(target, np.zeros(d), np.eye(d), seed, counter,
+                                      max(num_elbo_draws, _ELBO_DRAWS))
+    laps.lap("scoring")
+    return GaussianFit(np.zeros(d), np.eye(d), "identity (no MAP)", elbo, elbo_se, False, counter.n,
+                       notes, khat=khat, phase_times=laps.seconds)
+
+
+def _map_and_laplace(target, seed, num_starts: int, counter: _Counter, notes: list[str], laps: Laps):
+    """``(z_map, Laplace L)``, or ``(None, None)`` where no MAP with a positive-definite Hessian is found."""
+    try:
+        z_map, _, compiled = _find_map(target, seed, num_starts, counter, notes)
+        laps.lap("map search")
+        return z_map, (None if z_map is None else _laplace_tril(target, z_map, counter, notes, compiled))
+    except (tf.errors.OpError, ValueError, np.linalg.LinAlgError) as err:
+        # A failed search is a note, never a crash: the other candidates remain.
+        notes.append(f"MAP search failed ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+                     "whitening goes on without it")
+        return None, None
+
+
+def _dadvi_candidates(target, starts: dict, u_fixed, full_rank: bool, counter: _Counter,
+                      notes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """DADVI from each of ``starts`` (``{label: (loc, L)}``): ``{"dadvi from LABEL": (loc, L)}`` for the
+    runs that ended at a finite point (the others are notes)."""
+    d = target.event_size
+    thetas0 = np.stack([_pack(loc0, tril0 if full_rank else np.diag(np.sqrt(np.sum(tril0**2, -1))), full_rank)
+                        for loc0, tril0 in starts.values()])
+    try:
+        thetas = _dadvi(target, thetas0, u_fixed, full_rank, counter)
+    except (tf.errors.OpError, ValueError) as err:
+        notes.append(f"DADVI failed ({type(err).__name__}: {str(err).splitlines()[0][:160]}); dropped")
+        thetas = np.full_like(thetas0, np.nan)
+    found = {}
+    for label, theta in zip(starts, thetas, strict=True):
+        if not np.all(np.isfinite(theta)):
+            notes.append(f"DADVI from {label}: ended at a non-finite point; dropped")
+            continue
+        loc, tril = _unpack(tf.constant(theta, tf.float64), d, full_rank)
+        found[f"dadvi from {label}"] = (loc.numpy(), tril.numpy())
+    return found
 
 
 def whitening_layer(flow: Any):
