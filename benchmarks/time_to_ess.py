@@ -2,7 +2,7 @@
 
 For each model and method a new Python process imports the package, builds the
 target and starts a stopwatch; then it runs the method with the suite's
-protocol (4 chains, 1000 warm-up + 1000 draws, seed 1 for NeuTra, 2 for NUTS):
+protocol (4 chains, or ``--chains``, 1000 warm-up + 1000 draws, seed 1 for NeuTra, 2 for NUTS):
 
 * ``adapt``: ``sample(target, "adapt", kernel="hmc")``, the recommended call
   (the whitening stage's Gaussian where it passes PSIS, else a flow adapted on
@@ -24,7 +24,7 @@ reports its sampling's ESS per target evaluation (gradients + density-only
 evaluations: ``ess_per_eval``), the figure independence proposals are judged by.
 
     python benchmarks/time_to_ess.py [--models kidiq-kidscore_interaction ...] [--methods adapt nuts]
-        [--independence-steps 3] [--out docs/time_to_ess.json]
+        [--independence-steps 3] [--chains 4] [--out docs/time_to_ess.json]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import time
 _METHODS = ("adapt", "adapt-nuts", "adapt-imh", "vi", "nuts")
 
 
-def _one(model: str, method: str, independence_steps: int = 3) -> dict:
+def _one(model: str, method: str, independence_steps: int = 3, num_chains: int = 4) -> dict:
     """Runs ``method`` on ``model`` in this process; every second after the import is counted."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import warnings
@@ -50,7 +50,7 @@ def _one(model: str, method: str, independence_steps: int = 3) -> dict:
 
     target, _ = resolve_target(model)
     start = time.perf_counter()
-    common = dict(num_chains=4, num_warmup=1000, num_samples=1000, progress=False)
+    common = dict(num_chains=num_chains, num_warmup=1000, num_samples=1000, progress=False)
     if method == "adapt":
         idata = nf.sample(target, "adapt", kernel="hmc", seed=1, **common)
     elif method == "adapt-nuts":
@@ -69,7 +69,7 @@ def _one(model: str, method: str, independence_steps: int = 3) -> dict:
     attrs = idata.posterior.attrs
     ess, first, sampling = float(row["min_ess_bulk"]), float(attrs["time_to_first_draw"]), float(
         attrs["sampling_time"])
-    return dict(model=model, method=method, d=int(target.event_size), wall=wall,
+    return dict(model=model, method=method, d=int(target.event_size), num_chains=num_chains, wall=wall,
                 total_time=float(attrs["total_time"]), time_to_first_draw=first, sampling_time=sampling,
                 min_ess_bulk=ess, max_rhat=float(row["max_rhat"]), divergences=float(row["divergences"]),
                 ess_per_second_total=ess / float(attrs["total_time"]),
@@ -84,10 +84,11 @@ def _one(model: str, method: str, independence_steps: int = 3) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| model | d | method | all-in s | first draw s | min ESS | time to 1000 ESS, s | "
-             "all-in ESS/s | ESS per eval (sampling) | R-hat | max bias/MCSE |", "|" + "---|" * 11]
+    lines = ["| model | d | chains | method | all-in s | first draw s | min ESS | time to 1000 ESS, s | "
+             "all-in ESS/s | ESS per eval (sampling) | R-hat | max bias/MCSE |", "|" + "---|" * 12]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['d']} | {r['method']} | {r['total_time']:.1f} | "
+        lines.append(f"| {r['model']} | {r['d']} | {r.get('num_chains', 4)} | {r['method']} | "
+                     f"{r['total_time']:.1f} | "
                      f"{r['time_to_first_draw']:.1f} | {r['min_ess_bulk']:.0f} | {r['time_to_1000_ess']:.1f} | "
                      f"{r['ess_per_second_total']:.1f} | {r.get('ess_per_eval', float('nan')):.3f} | "
                      f"{r['max_rhat']:.3f} | {r['max_abs_error_mcse']:.2g} |")
@@ -102,18 +103,22 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=_METHODS, default=["adapt", "nuts"])
     parser.add_argument("--independence-steps", type=int, default=3,
                         help="independence proposals per NeuTra transition for the adapt-imh method")
+    parser.add_argument("--chains", type=int, default=4,
+                        help="chains for every method (the ESS counts them all); the protocol's is 4")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("ROW " + json.dumps(_one(*args.one, independence_steps=args.independence_steps)))
+        print("ROW " + json.dumps(_one(*args.one, independence_steps=args.independence_steps,
+                                       num_chains=args.chains)))
         return
     rows = []
     for model in args.models:
         for method in args.methods:
             # A fresh process each: no compilation cache or warm import favours one method.
             done = subprocess.run([sys.executable, __file__, "--one", model, method, "--independence-steps",
-                                   str(args.independence_steps)], capture_output=True, text=True, check=False)
+                                   str(args.independence_steps), "--chains", str(args.chains)],
+                                  capture_output=True, text=True, check=False)
             line = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
             if not line:
                 print(f"{model} {method}: FAILED\n{done.stderr[-2000:]}", flush=True)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+from threadpoolctl import threadpool_limits
 
-__all__ = ["as_seed", "split_seed", "canonical_dtype", "check_positive_int"]
+__all__ = ["as_seed", "split_seed", "canonical_dtype", "check_positive_int", "one_blas_thread"]
 
 
 # Ints below _INT32_LIMIT map to [0, seed], as they always have (every seeded
@@ -90,3 +92,21 @@ def stan_regularised(estimate: np.ndarray, n: int) -> np.ndarray:
     if estimate.ndim == 2:
         return (n / (n + 5.0)) * estimate + floor * np.eye(estimate.shape[0])
     return (n / (n + 5.0)) * estimate + floor
+
+
+def one_blas_thread(fn):
+    """``fn`` with NumPy's and SciPy's BLAS on one thread (the caller's setting restored after).
+
+    With TensorFlow loaded, OpenBLAS's own threads contend with TensorFlow's for
+    the cores: SciPy's L-BFGS-B took 7 ms an iteration on a 5-D quadratic on
+    this 2-core CPU, against 0.03 ms on one BLAS thread, and the whitening stage
+    of kidiq 1.3-2.7 s against 0.9 s. The matrices here are at most ``d x d``,
+    too small for BLAS's threads to pay.
+    """
+
+    @functools.wraps(fn)
+    def on_one_thread(*args, **kwargs):
+        with threadpool_limits(1, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return on_one_thread

@@ -174,22 +174,26 @@ class FlowAdaptation:
         whole-run ESS per gradient, at 20-D on both. ``None`` always adapts.
       gaussian_khat: with ``start="auto"`` and a flow ``sample`` builds
         (``flow="adapt"``): where the whitening stage's winner is the Laplace
-        fit (which, with DADVI run only when needed, means it beat the identity
-        and passed PSIS) and its PSIS k-hat is below this, NeuTra samples with
-        that Gaussian (an affine flow: HMC with a dense metric, the latent scale
-        still adapted) and plans no refit; the run's ``flow_adaptation_start``
-        says so. 0.7 is PSIS's threshold of a reliable fit: HMC only needs the
-        geometry roughly right, and stays exact whatever the metric, so a
-        k-hat that was lucky costs speed, not correctness. k-hat on 256 draws
-        alone does not separate the banana (0.32-1.19 over three seeds, where
-        the Gaussian-metric run was wrong in 1000 draws: stds 10 % off) from
-        gp_regr (0.43-0.69); on the banana DADVI always wins the stage, so the
-        flow is refitted there. On nine of the ten posteriordb models the
+        fit (it beat the identity, and DADVI where DADVI ran) and its PSIS
+        k-hat is below this, NeuTra samples with that Gaussian (an affine
+        flow: HMC with a dense metric, the latent scale still adapted) and
+        plans no refit; the run's ``flow_adaptation_start`` says so. HMC only
+        needs the geometry roughly right and stays exact whatever the metric,
+        so a k-hat above PSIS's 0.7 costs speed, not correctness; the
+        default 1.0 is the time it saves. On garch11 (Laplace k-hat
+        0.6-0.8 on 1024-4096 draws, 0.35-0.89 on 256) the refitted RealNVP
+        had 2.6x the ESS of the Gaussian, 5134 against 1994 (NUTS in the
+        latent space), but took 28.5 s all-in against 12.0 s (plain NUTS:
+        11.2-14.1 s for 2101; ``python benchmarks/time_to_ess.py``, fresh
+        processes): the refits' compilation alone is about NUTS's whole run. k-hat on 256 draws alone does not
+        separate the banana (0.32-1.19 over three seeds, where the
+        Gaussian-metric run was wrong in 1000 draws: stds 10 % off) from
+        gp_regr (0.43-0.69); on the banana DADVI always wins the stage, so
+        the flow is refitted there. On the other nine posteriordb models the
         refits bought nothing the Gaussian had not: kidiq went from 36 s
         all-in to 6-9 s (NUTS: 24-32 s) at the same ESS, arma11 from 54 s to
-        15.5 s with more ESS (2666 against 2444; ``python
-        benchmarks/time_to_ess.py``). ``None`` always builds and refits the
-        flow.
+        15.5 s with more ESS (2666 against 2444). ``None`` always builds and
+        refits the flow.
     """
 
     objective: str = "fisher"
@@ -210,7 +214,7 @@ class FlowAdaptation:
     fit_steps: int = 1000
     fit_batch_size: int | None = None
     fit_above_dims: int | None = 40
-    gaussian_khat: float | None = 0.7
+    gaussian_khat: float | None = 1.0
 
     def __post_init__(self):
         if self.start not in STARTS:
@@ -352,7 +356,7 @@ class FlowAdapter:
         return limit is not None and int(self.target.event_size) > limit and self._no_gaussian_fits()
 
     def _gaussian_suffices(self) -> bool:
-        """The Laplace fit won the whitening stage and passes PSIS (see ``FlowAdaptation.gaussian_khat``)."""
+        """The Laplace fit won the whitening stage with k-hat below ``FlowAdaptation.gaussian_khat``."""
         limit, gaussian = self.config.gaussian_khat, self.whitening
         # k-hat on 256 draws alone cannot tell a banana from a regression (0.32-1.19 on
         # the banana over three seeds, 0.43-0.69 on gp_regr), but where the Laplace fit
@@ -575,10 +579,12 @@ class _FlowTrainer:
         self.optimizer.build(self.variables)
         self.base = tfp.distributions.MultivariateNormalDiag(tf.zeros([d], dtype), tf.ones([d], dtype))
         self._train = tf.function(self._train_chunk, jit_compile=jit_compile, autograph=False)
-        self._held_out_loss = tf.function(self._masked_loss, jit_compile=jit_compile, autograph=False)
-        self._grad = tf.function(self._target_gradient, jit_compile=jit_compile, autograph=False)
-        self._grad_from_latent = tf.function(self._target_gradient_from_latent, jit_compile=jit_compile,
-                                             autograph=False)
+        # Graph mode for the functions a run calls a few dozen times: XLA took 1.5-2 s
+        # to compile each (garch11, 4-D), against under 1 s to trace, and their
+        # calls cost milliseconds either way.
+        self._held_out_loss = tf.function(self._masked_loss, autograph=False)
+        self._grad = tf.function(self._target_gradient, autograph=False)
+        self._grad_from_latent = tf.function(self._target_gradient_from_latent, autograph=False)
 
     # -- the losses, per point -------------------------------------------------
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -519,6 +520,58 @@ def _build_layers(
     return layers
 
 
+# Coupling flows: each layer's network reads one half and writes the other's parameters.
+_COUPLING_FLOWS = ("realnvp", "nsf")
+
+
+def _approx_num_weights(name: str, event_size: int, options: Mapping[str, Any]) -> int:
+    """About how many weights a network flow with ``options`` has (0 where it has no ``hidden_units``).
+
+    Each layer's network maps ``d`` inputs through ``hidden_units`` to ``k d``
+    outputs (half of each for a coupling flow): ``k`` is 2 for an affine
+    transformer (shift, log-scale), ``3 K + 1`` for a ``K``-bin spline, 3 per
+    component for NAF's sigmoids. Biases and masks are left out.
+    """
+    hidden = options.get("hidden_units")
+    if not hidden:
+        return 0
+    if "num_bins" in options:
+        per_output = 3 * int(options["num_bins"]) + 1
+    elif "num_components" in options:
+        per_output = 3 * int(options["num_components"])
+    else:
+        per_output = 2
+    half = event_size / 2 if name in _COUPLING_FLOWS else event_size
+    widths = [half, *hidden, per_output * half]
+    per_layer = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    full_whitening = event_size * (event_size + 1) // 2 if options.get("whitening") == "full" else 0
+    return int(int(options.get("num_layers", 1)) * per_layer + full_whitening)
+
+
+def _physical_memory_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+# The weights, their gradients and Adam's two moments: four copies during training.
+_TRAINING_COPIES = 4
+
+
+def _check_flow_fits_in_memory(name: str, event_size: int, dtype: tf.DType, options: Mapping[str, Any]) -> None:
+    """Refuses, before any weight exists, a network flow whose training would not fit in memory."""
+    weights = _approx_num_weights(name, event_size, options)
+    need = weights * _TRAINING_COPIES * dtype.size
+    have = _physical_memory_bytes()
+    if have is not None and need > have:
+        raise ValueError(
+            f"make_flow({name!r}, {event_size}): about {weights:.3g} weights; training them (weights, "
+            f"gradients and Adam's two moments in {dtype.name}) needs about {need / 2**30:.3g} GiB, more than "
+            f"this machine's {have / 2**30:.3g} GiB of memory. Give narrower hidden_units (the default is "
+            f"[max(d, 32)] * 2), fewer num_layers, or a flow without a network (affine_diag, affine_tril)")
+
+
 def make_flow(
     name: str,
     event_size: int,
@@ -559,8 +612,10 @@ def make_flow(
       untrained) and ``flow.exact_log_det``. Its variables exist already.
 
     Raises:
-      ValueError: unknown name, bad event size, dtype or option; the message
-        lists what is allowed.
+      ValueError: unknown name, bad event size, dtype or option (the message
+        lists what is allowed); a network flow whose training would need more
+        than this machine's memory (weights, gradients and Adam's moments,
+        estimated from ``hidden_units``: the message gives the estimate).
 
     Example:
 
@@ -580,6 +635,7 @@ def make_flow(
     event_size = check_positive_int(event_size, "event_size")
     dtype = canonical_dtype(dtype)
     resolved = _resolve_options(name, event_size, options, kwargs)
+    _check_flow_fits_in_memory(name, event_size, dtype, resolved)
     layers = _build_layers(name, event_size, dtype, resolved)
     config = {"name": name, "event_size": event_size, "dtype": dtype.name, "options": resolved}
     # A stack is exact only if every layer is (a layer may opt out, e.g. the

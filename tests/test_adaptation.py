@@ -347,7 +347,9 @@ def test_the_draws_gradients_are_the_samplers_own_turned_into_the_targets():
     assert x.shape == (60, 2) and adapter.num_grad_evals == 0
     direct = adapter._trainer.gradients(x)
     assert np.abs(direct).max() > 1.0  # a banana's gradients, not zeros
-    np.testing.assert_allclose(g, direct, rtol=1e-6, atol=1e-8)
+    # 1e-5: the recovery subtracts the log-det's gradient (cancellation), and the two
+    # run in different programs (the sampler's XLA loop, the trainer's graph).
+    np.testing.assert_allclose(g, direct, rtol=1e-5, atol=1e-8)
 
 
 

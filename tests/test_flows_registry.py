@@ -215,3 +215,19 @@ def test_whitening_auto_is_diagonal_above_the_full_rank_limit():
 def test_whitening_bad_value_names_the_choices(bad):
     with pytest.raises(ValueError, match="whitening must be one of"):
         make_flow("iaf", 3, whitening=bad)
+
+
+def test_a_flow_too_big_for_the_memory_is_refused_before_its_weights_exist():
+    from neutra_flows.flows import _approx_num_weights, _resolve_options
+
+    # 4.8e11 weights: building them would exhaust the machine long before an error.
+    with pytest.raises(ValueError, match=r"GiB.*more than this machine's .*hidden_units"):
+        make_flow("iaf", 200_000)
+    # The estimate is the flow's true size to a few per cent (biases and masks aside).
+    for name, d in (("iaf", 60), ("realnvp", 60), ("nsf", 40)):
+        flow = make_flow(name, d, dtype=tf.float64)
+        actual = sum(int(tf.size(v)) for v in flow.trainable_variables)
+        estimate = _approx_num_weights(name, d, _resolve_options(name, d, None, {}))
+        assert 0.7 * actual <= estimate <= 1.3 * actual, (name, estimate, actual)
+    # Flows without a network are never refused.
+    assert make_flow("affine_diag", 200_000).flow_config["name"] == "affine_diag"

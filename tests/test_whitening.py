@@ -168,3 +168,23 @@ def test_the_laplace_hessian_by_differences_matches_the_exact_precision():
     np.testing.assert_allclose(exact, np.linalg.inv(cov), rtol=1e-6)
     tril = w._laplace_tril(target, z_map, w._Counter(), [], compiled)
     np.testing.assert_allclose(tril @ tril.T, np.linalg.inv(exact), rtol=1e-6)
+
+
+def test_the_whitening_stage_runs_blas_on_one_thread_and_gives_the_setting_back():
+    # With TensorFlow loaded, OpenBLAS's threads fought TF's for the cores: SciPy's
+    # L-BFGS-B ran 30-100x slower (see neutra_flows._utils.one_blas_thread).
+    from threadpoolctl import threadpool_info
+
+    from neutra_flows._utils import one_blas_thread
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("threadpoolctl finds no BLAS library here")
+    seen = []
+    one_blas_thread(lambda: seen.extend(blas_threads()))()
+    assert seen and all(n == 1 for n in seen)
+    assert blas_threads() == before
+    assert fit_gaussian.__wrapped__ is not None  # the stage itself runs under it

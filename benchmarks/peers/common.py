@@ -10,14 +10,19 @@ One run = one (target, method) pair, written as two files under
 ``<method>.npz``
     ``post__<name>``: the kept draws of every variable, ``[chains, draws, *shape]``,
     in the constrained space and under *our* names and shapes (``x`` for the
-    funnels and the banana; ``mu``, ``tau``, ``theta`` for eight schools; ``beta``,
-    ``sigma`` for the regressions), so that every run is checked against the same
-    truth; ``stat__diverging`` and ``stat__n_steps``, ``[chains, draws]``, of the
+    funnels and the banana; ``mu``, ``tau``, ``theta`` for eight schools; for the
+    posteriordb models the Stan program's names and shapes, as
+    ``neutra_flows.models.posteriordb`` has them: ``beta``, ``sigma`` for the
+    regressions, ``alpha``, ``beta``, ``sigma`` for arK, ...), so that every run is
+    checked against the same truth; ``stat__diverging`` and ``stat__n_steps``, ``[chains, draws]``, of the
     kept draws.
 ``<method>.json``
     the cost and the settings: gradient evaluations in training, warm-up and
     sampling, divergences, the wall-clock seconds of every phase, the versions,
-    notes, and ``status`` (``ok``, ``skipped`` or ``failed`` with a ``reason``).
+    notes, and ``status`` (``ok``, ``skipped`` or ``failed`` with a ``reason``);
+    ``time_to_first_draw`` and ``sampling_seconds`` (see :func:`ess_summary`), and
+    ``ess_summary``: the run's min bulk ESS, all-in ESS/s and time to 1000 ESS as
+    the runner computed them (``table.py`` recomputes them with ``neutra_flows.compare``).
 """
 
 from __future__ import annotations
@@ -64,6 +69,26 @@ TARGETS: dict[str, str] = {
     "funnel-100": "funnel-100",
     "kidiq": "kidiq-kidscore_interaction",
     "earnings": "earnings-logearn_interaction",
+    # The rest of the ten posteriordb models neutra_flows ships (neutra_flows.models.posteriordb).
+    "ark": "arK-arK",
+    "arma11": "arma-arma11",
+    "garch11": "garch-garch11",
+    "gp-regr": "gp_pois_regr-gp_regr",
+    "gauss-mix": "low_dim_gauss_mix-low_dim_gauss_mix",
+    "mesquite": "mesquite-logmesquite_logvas",
+    "nes": "nes2000-nes",
+    "sblrc": "sblrc-blr",
+}
+# What a runner does when no target is named: the six of the committed table (results/peers.md).
+DEFAULT_TARGETS: tuple[str, ...] = ("funnel-10", "banana", "eight-schools", "funnel-100", "kidiq", "earnings")
+# The ten posteriordb models (in POSTERIORDB_MODELS order); ``posteriordb`` on a command line names them all.
+POSTERIORDB_TARGETS: tuple[str, ...] = (
+    "ark", "arma11", "earnings", "garch11", "gp-regr", "kidiq", "gauss-mix", "mesquite", "nes", "sblrc",
+)
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "default": DEFAULT_TARGETS,
+    "posteriordb": POSTERIORDB_TARGETS,
+    "all": tuple(TARGETS),
 }
 BANANA_CURVATURE = 0.03
 EIGHT_SCHOOLS_Y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
@@ -79,29 +104,68 @@ def read_posteriordb(target: str) -> dict[str, Any]:
         return json.load(fh)
 
 
+REGRESSIONS = ("kidiq", "earnings", "mesquite", "nes", "sblrc")
+
+
+def _regression_module():
+    """``neutra_flows/models/_regression_data.py``, loaded by its path: the one definition of
+    the regressions' design matrices, which the peers' venv (no TensorFlow, so no
+    ``import neutra_flows``) can still read, as it imports nothing but NumPy."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "neutra_flows", "models", "_regression_data.py")
+    spec = importlib.util.spec_from_file_location("_neutra_flows_regression_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def regression_data(target: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(X, y)`` of the two suite regressions, built exactly as neutra_flows.models.posteriordb does."""
-    d = read_posteriordb(target)
-    if target == "kidiq":
-        hs, iq = np.asarray(d["mom_hs"], np.float64), np.asarray(d["mom_iq"], np.float64)
-        x = np.stack([np.ones_like(hs), hs, iq, hs * iq], axis=1)
-        y = np.asarray(d["kid_score"], np.float64)
-    elif target == "earnings":
-        height, male = np.asarray(d["height"], np.float64), np.asarray(d["male"], np.float64)
-        x = np.stack([np.ones_like(height), height, male, height * male], axis=1)
-        y = np.log(np.asarray(d["earn"], np.float64))
-    else:
-        raise ValueError(f"{target} is not one of the suite regressions")
-    return x, y
+    """``(X, y)`` of the suite's linear regressions (``y ~ normal(X beta, sigma)``): the design
+    matrices neutra_flows.models.posteriordb builds (same columns, same order, same code)."""
+    if target not in REGRESSIONS:
+        raise ValueError(f"{target} is not one of the suite regressions {REGRESSIONS}")
+    return _regression_module().REGRESSIONS[TARGETS[target]](read_posteriordb(target))
+
+
+def ark_data() -> tuple[np.ndarray, np.ndarray]:
+    """arK's ``(lags, y[K:])``: ``lags[i, j] = y[K + i - (j + 1)]``, as neutra_flows builds them."""
+    d = read_posteriordb("ark")
+    k, t = int(d["K"]), int(d["T"])
+    y = np.asarray(d["y"], np.float64)
+    lags = np.stack([y[k - j - 1 : t - j - 1] for j in range(k)], axis=1)
+    return lags, y[k:]
+
+
+def resolve_target(name: str) -> list[str]:
+    """A short name, a posteriordb / BENCHMARKS name (``arK-arK``) or a group (``posteriordb``)."""
+    if name in TARGETS:
+        return [name]
+    if name in TARGET_GROUPS:
+        return list(TARGET_GROUPS[name])
+    by_long = {v: k for k, v in TARGETS.items()}
+    if name in by_long:
+        return [by_long[name]]
+    raise SystemExit(
+        f"unknown target {name!r}; choose from {list(TARGETS)}, their BENCHMARKS names "
+        f"({', '.join(TARGETS.values())}) or a group ({', '.join(TARGET_GROUPS)})"
+    )
 
 
 def parse_targets(argv_targets: list[str] | None) -> list[str]:
+    """The targets named (see :func:`resolve_target`), in order, each once; none: DEFAULT_TARGETS."""
     if not argv_targets:
-        return list(TARGETS)
-    unknown = [t for t in argv_targets if t not in TARGETS]
-    if unknown:
-        raise SystemExit(f"unknown target(s) {unknown}; choose from {list(TARGETS)}")
-    return list(argv_targets)
+        return list(DEFAULT_TARGETS)
+    out: list[str] = []
+    for name in argv_targets:
+        out.extend(t for t in resolve_target(name) if t not in out)
+    return out
+
+
+TARGETS_HELP = (
+    "short names, BENCHMARKS names (arK-arK, ...) or groups: posteriordb (the ten posteriordb models), "
+    f"all; default: {' '.join(DEFAULT_TARGETS)}"
+)
 
 
 # -- output ----------------------------------------------------------------------------
@@ -147,6 +211,58 @@ def _json_safe(value: Any) -> Any:
         v = float(value)
         return v if math.isfinite(v) else None
     return value
+
+
+def ess_summary(
+    draws: Mapping[str, np.ndarray],
+    total_seconds: float | None,
+    time_to_first_draw: float | None,
+    sampling_seconds: float | None,
+) -> dict[str, Any]:
+    """Min bulk ESS, all-in ESS/s and time to 1000 min-bulk ESS of one run.
+
+    ``time_to_1000_ess`` is ``benchmarks/time_to_ess.py``'s definition:
+    ``time_to_first_draw + sampling_seconds * 1000 / min_ess_bulk`` (the fixed cost
+    until the first kept draw, then the sampling phase's own rate, extrapolated
+    linearly). ``time_to_1000_ess_all_in`` is ``total_seconds * 1000 / min_ess_bulk``
+    (= 1000 / all-in ESS/s), defined for every run, phases or not. The ESS is ArviZ's
+    rank-normalised bulk ESS, the min over every variable and coordinate, as
+    ``neutra_flows.compare`` computes it.
+    """
+    import arviz as az
+
+    posterior = az.from_dict(posterior={k: np.asarray(v, np.float64) for k, v in draws.items()})
+    ess = az.ess(posterior, method="bulk")
+    min_ess = float(min(float(np.min(ess[k].values)) for k in ess.data_vars))
+    return dict(
+        min_ess_bulk=min_ess,
+        total_seconds=total_seconds,
+        ess_per_second_total=time_to_ess(min_ess, total_seconds, None, None)[1],
+        time_to_1000_ess=time_to_ess(min_ess, total_seconds, time_to_first_draw, sampling_seconds)[0],
+        time_to_1000_ess_all_in=time_to_ess(min_ess, total_seconds, None, None)[2],
+        definition=(
+            "time_to_1000_ess = time_to_first_draw + sampling_seconds * 1000 / min_ess_bulk "
+            "(benchmarks/time_to_ess.py); time_to_1000_ess_all_in = total_seconds * 1000 / min_ess_bulk"
+        ),
+    )
+
+
+def time_to_ess(
+    min_ess: float | None,
+    total_seconds: float | None,
+    time_to_first_draw: float | None,
+    sampling_seconds: float | None,
+) -> tuple[float | None, float | None, float | None]:
+    """``(time_to_1000_ess, ess_per_second_total, time_to_1000_ess_all_in)``; None where undefined."""
+    ok = min_ess is not None and math.isfinite(min_ess) and min_ess > 0
+    extrapolated = (
+        time_to_first_draw + sampling_seconds * 1000.0 / min_ess
+        if ok and time_to_first_draw is not None and sampling_seconds is not None
+        else None
+    )
+    per_second = min_ess / total_seconds if ok and total_seconds else None
+    all_in = total_seconds * 1000.0 / min_ess if ok and total_seconds is not None else None
+    return extrapolated, per_second, all_in
 
 
 def run_paths(target: str, method: str) -> tuple[str, str]:
@@ -240,7 +356,10 @@ if __name__ == "__main__":
     # run_all.sh: `python common.py timeout TARGET METHOD SECONDS` records a run killed by its time limit.
     import sys
 
-    if len(sys.argv) == 5 and sys.argv[1] == "timeout":
+    # run_all.sh: `python common.py targets NAME ...` prints the short names they stand for.
+    if len(sys.argv) >= 2 and sys.argv[1] == "targets":
+        print(" ".join(parse_targets(sys.argv[2:])))
+    elif len(sys.argv) == 5 and sys.argv[1] == "timeout":
         _, _, tgt, meth, secs = sys.argv
         save_run(
             tgt,
@@ -248,4 +367,4 @@ if __name__ == "__main__":
             {"status": "failed", "reason": f"killed by run_all.sh's time limit after {secs} s (PEERS_TIMEOUT)"},
         )
     else:
-        raise SystemExit("usage: common.py timeout TARGET METHOD SECONDS")
+        raise SystemExit("usage: common.py timeout TARGET METHOD SECONDS | common.py targets [NAME ...]")

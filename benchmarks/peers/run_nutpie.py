@@ -34,7 +34,16 @@ flow update (a few dozen per chain), left out here as in nutpie's ``n_steps``.
 Wall-clock: ``compile`` is ``compile_pymc_model``; ``warmup_and_sampling`` is
 the whole ``nutpie.sample`` call (JAX compilation of the log density and the
 flow, flow training, warm-up, sampling): nutpie does not report the phases
-apart, so ESS per second in sampling alone is not available for nutpie.
+apart, so ESS per second in sampling alone is not available for nutpie. For the
+time to 1000 ESS (``benchmarks/time_to_ess.py``'s definition), :class:`ChainClock`
+reads the sampling phase off nutpie's progress reports: ``sampling_seconds`` and
+``time_to_first_draw`` (= total - sampling_seconds) in the record.
+
+The posteriordb models (``kidiq``, ``earnings``, ``mesquite``, ``nes``, ``sblrc``,
+``ark``, ``arma11``, ``garch11``, ``gp-regr``, ``gauss-mix``) are the Stan programs
+of ``neutra_flows/data/posteriordb/`` with the transforms of
+``neutra_flows.models.posteriordb``; ``check_models.py`` checks that each one's log
+density equals ours up to a constant on the same unconstrained space.
 """
 
 from __future__ import annotations
@@ -55,10 +64,20 @@ if common.QUICK:
 NUTS_TUNE = common.NUM_WARMUP
 
 
+# Where a model's default start (its support point) is not in the support: gauss-mix's
+# ordered mu would start at [0, 0], whose ordered transform is log(0). nutpie adds its
+# U(-1, 1) jitter (in the unconstrained space) to these, as to the default start.
+INITIAL_POINTS = {"gauss-mix": {"mu": np.array([-1.0, 1.0])}}
+
+
 def build_model(target: str):
     """``(pm.Model, to_ours)``; ``to_ours(posterior) -> {our name: [chains, draws, ...]}``."""
     import pymc as pm
+    import pytensor
+    import pytensor.tensor as pt
+    from pymc.distributions.transforms import ordered
 
+    names = None  # the variables, under our names, where to_ours just picks them
     with pm.Model() as model:
         if target.startswith("funnel-"):
             d = common.funnel_dim(target)
@@ -83,20 +102,178 @@ def build_model(target: str):
 
             def to_ours(post):
                 return {k: np.asarray(post[k]) for k in ("mu", "tau", "theta")}
-        elif target in ("kidiq", "earnings"):
+        elif target in common.REGRESSIONS:
+            # y ~ normal(X beta, sigma); the design matrices as neutra_flows builds them.
             x, y = common.regression_data(target)
-            beta = pm.Flat("beta", shape=x.shape[1])  # Stan's implicit flat prior
-            if target == "kidiq":
-                sigma = pm.HalfCauchy("sigma", 2.5)  # sigma ~ cauchy(0, 2.5), sigma > 0
+            if target == "sblrc":
+                beta = pm.Normal("beta", 0.0, 10.0, shape=x.shape[1])  # target += normal_lpdf(beta | 0, 10)
+                sigma = pm.HalfNormal("sigma", 10.0)  # target += normal_lpdf(sigma | 0, 10), sigma > 0
             else:
-                sigma = pm.HalfFlat("sigma")  # no sampling statement: flat on sigma > 0
+                beta = pm.Flat("beta", shape=x.shape[1])  # Stan's implicit flat prior
+                if target == "kidiq":
+                    sigma = pm.HalfCauchy("sigma", 2.5)  # sigma ~ cauchy(0, 2.5), sigma > 0
+                else:  # earnings, mesquite, nes: no sampling statement, flat on sigma > 0
+                    sigma = pm.HalfFlat("sigma")
             pm.Normal("y", pm.math.dot(x, beta), sigma, observed=y)
-
-            def to_ours(post):
-                return {k: np.asarray(post[k]) for k in ("beta", "sigma")}
+            names = ("beta", "sigma")
+        elif target == "ark":
+            # y[t] ~ normal(alpha + sum_k beta[k] y[t-k], sigma), t = K+1..T: vectorised over t.
+            lags, y = common.ark_data()
+            alpha = pm.Normal("alpha", 0.0, 10.0)
+            beta = pm.Normal("beta", 0.0, 10.0, shape=lags.shape[1])
+            sigma = pm.HalfCauchy("sigma", 2.5)
+            pm.Normal("y", alpha + pm.math.dot(lags, beta), sigma, observed=y)
+            names = ("alpha", "beta", "sigma")
+        elif target == "arma11":
+            y = np.asarray(common.read_posteriordb(target)["y"], np.float64)
+            mu = pm.Normal("mu", 0.0, 10.0)
+            phi = pm.Normal("phi", 0.0, 2.0)
+            theta = pm.Normal("theta", 0.0, 2.0)
+            sigma = pm.HalfCauchy("sigma", 2.5)
+            # nu[1] = mu + phi mu (err[0] = 0), nu[t] = mu + phi y[t-1] + theta err[t-1];
+            # err[t] = y[t] - nu[t] = offset[t] - theta err[t-1], with offset[t] = y[t] - mu - phi y[t-1].
+            prev_y = pt.concatenate([pt.stack([mu]), pt.as_tensor(y[:-1])])
+            offset = pt.as_tensor(y) - mu - phi * prev_y
+            err = pytensor.scan(
+                lambda off, err_prev, th: off - th * err_prev,
+                sequences=[offset],
+                outputs_info=[pt.zeros((), dtype=offset.dtype)],
+                non_sequences=[theta],
+                return_updates=False,
+            )
+            # err ~ normal(0, sigma): err is a function of the parameters, so a Potential, not observed.
+            pm.Potential("err_lik", pm.logp(pm.Normal.dist(0.0, sigma), err).sum())
+            names = ("mu", "phi", "theta", "sigma")
+        elif target == "garch11":
+            d = common.read_posteriordb(target)
+            y = np.asarray(d["y"], np.float64)
+            sigma1 = float(d["sigma1"])
+            # Every prior is Stan's implicit flat one on the constrained parameter; the transforms
+            # are Stan's (and neutra_flows' _GarchBounds): mu identity, alpha0 log, alpha1 logit,
+            # beta1 = (1 - alpha1) sigmoid(u) (PyMC's interval transform with the dependent bound).
+            mu = pm.Flat("mu")
+            alpha0 = pm.HalfFlat("alpha0")
+            alpha1 = pm.Uniform("alpha1", 0.0, 1.0)  # density 1 on (0, 1): flat
+            beta1 = pm.Uniform("beta1", 0.0, 1.0 - alpha1)
+            # Uniform's density is 1 / (1 - alpha1); Stan's beta1 has no sampling statement (flat),
+            # so that term is taken back out.
+            pm.Potential("beta1_flat", pt.log1p(-alpha1))
+            # sigma[1] = sigma1; sigma[t]^2 = alpha0 + alpha1 (y[t-1] - mu)^2 + beta1 sigma[t-1]^2.
+            shocks = alpha0 + alpha1 * pt.square(pt.as_tensor(y[:-1]) - mu)
+            var_rest = pytensor.scan(
+                lambda shock, var_prev, b: shock + b * var_prev,
+                sequences=[shocks],
+                outputs_info=[pt.as_tensor(np.float64(sigma1**2))],
+                non_sequences=[beta1],
+                return_updates=False,
+            )
+            variance = pt.concatenate([pt.as_tensor(np.array([sigma1**2])), var_rest])
+            pm.Normal("y", mu, pt.sqrt(variance), observed=y)
+            names = ("mu", "alpha0", "alpha1", "beta1")
+        elif target == "gp-regr":
+            d = common.read_posteriordb(target)
+            x_obs = np.asarray(d["x"], np.float64)
+            y = np.asarray(d["y"], np.float64)
+            sq_dist = np.square(x_obs[:, None] - x_obs[None, :])
+            rho = pm.Gamma("rho", alpha=25.0, beta=4.0)  # Stan's gamma(shape, rate)
+            alpha = pm.HalfNormal("alpha", 2.0)
+            sigma = pm.HalfNormal("sigma", 1.0)
+            # gp_exp_quad_cov(x, alpha, rho) + diag_matrix(rep_vector(sigma, N)): sigma itself, not
+            # sigma^2, on the diagonal, as in the Stan program.
+            cov = pt.square(alpha) * pt.exp(-0.5 * sq_dist / pt.square(rho)) + sigma * np.eye(len(y))
+            pm.MvNormal("y", mu=np.zeros(len(y)), chol=pt.linalg.cholesky(cov), observed=y)
+            names = ("rho", "alpha", "sigma")
+        elif target == "gauss-mix":
+            y = np.asarray(common.read_posteriordb(target)["y"], np.float64)
+            # ordered[2] mu: y1 = x1, y2 = y1 + exp(x2) (TFP's Ascending, PyMC's ordered transform).
+            mu = pm.Normal("mu", 0.0, 2.0, shape=2, transform=ordered)  # started at INITIAL_POINTS
+            sigma = pm.HalfNormal("sigma", 2.0, shape=2)
+            theta = pm.Beta("theta", 5.0, 5.0)
+            lp1 = pt.log(theta) + pm.logp(pm.Normal.dist(mu[0], sigma[0]), y)
+            lp2 = pt.log1p(-theta) + pm.logp(pm.Normal.dist(mu[1], sigma[1]), y)
+            pm.Potential("log_mix", pt.logaddexp(lp1, lp2).sum())  # target += log_mix(theta, ...)
+            names = ("mu", "sigma", "theta")
         else:
             raise ValueError(target)
+    if names is not None:
+
+        def to_ours(post):
+            return {k: np.asarray(post[k]) for k in names}
+
     return model, to_ours
+
+
+class ChainClock:
+    """When each chain leaves its warm-up and when it ends, from nutpie's own progress reports.
+
+    nutpie reports no phase seconds, but its progress display is fed every
+    ``rate_ms`` with every chain's ``finished_draws`` (warm-up included). While
+    active, this replaces the terminal progress bar that ``progress_bar=True``
+    selects outside a notebook (``nutpie._lib.ProgressType.indicatif``) by a
+    template callback (``ProgressType.template_callback``, the notebook's
+    mechanism) that records ``(seconds, [finished_draws per chain])``; the
+    crossing of ``tune`` and of ``tune + draws`` is interpolated linearly between
+    two reports. Nothing is printed. ``phases`` returns each chain's sampling
+    seconds and their sum over the chains divided by the chains run at once
+    (``min(cores, chains)``): the wall-clock seconds the sampling phase took.
+    """
+
+    TEMPLATE = "{% for chain in chains %}{{ chain.finished_draws }},{% endfor %}"
+
+    def __init__(self, cores: int, rate_ms: int = 25):
+        self.cores, self.rate_ms = cores, rate_ms
+        self.events: list[tuple[float, list[int]]] = []
+        self.t0 = None
+
+    def _callback(self, text: str) -> None:
+        now = time.perf_counter()
+        try:
+            self.events.append((now, [int(v) for v in text.split(",") if v.strip()]))
+        except ValueError:
+            pass
+
+    def __enter__(self):
+        import nutpie._lib as lib
+
+        self._lib, self._saved = lib, lib.ProgressType.indicatif
+        progress = lib.ProgressType.template_callback(self.rate_ms, self.TEMPLATE, self.cores, self._callback)
+        lib.ProgressType.indicatif = staticmethod(lambda *a, **k: progress)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._lib.ProgressType.indicatif = self._saved
+        self.t1 = time.perf_counter()
+        return False
+
+    def _crossing(self, chain: int, level: int) -> float | None:
+        prev = None
+        for t, draws in self.events:
+            if chain >= len(draws):
+                continue
+            if draws[chain] >= level:
+                if prev is None or draws[chain] == prev[1]:
+                    return t
+                (tp, dp) = prev
+                return tp + (t - tp) * (level - dp) / (draws[chain] - dp)
+            prev = (t, draws[chain])
+        return None
+
+    def phases(self, chains: int, tune: int, draws: int) -> dict | None:
+        per_chain = []
+        for c in range(chains):
+            t_tuned, t_end = self._crossing(c, tune), self._crossing(c, tune + draws)
+            if t_tuned is None or t_end is None:
+                return None
+            per_chain.append(dict(warmup_end=t_tuned - self.t0, end=t_end - self.t0, sampling=t_end - t_tuned))
+        concurrent = max(1, min(self.cores, chains))
+        return dict(
+            sampling_seconds=sum(c["sampling"] for c in per_chain) / concurrent,
+            concurrent_chains=concurrent,
+            per_chain=per_chain,
+            num_reports=len(self.events),
+            rate_ms=self.rate_ms,
+        )
 
 
 def run_one(target: str, method: str, clock_model_cache: dict) -> None:
@@ -130,10 +307,14 @@ def run_one(target: str, method: str, clock_model_cache: dict) -> None:
         clock = common.Clock()
         model, to_ours = build_model(target)
         with clock("compile"):
-            compiled = nutpie.compile_pymc_model(model, backend="jax", gradient_backend="jax")
+            compiled = nutpie.compile_pymc_model(
+                model, backend="jax", gradient_backend="jax", initial_points=INITIAL_POINTS.get(target)
+            )
             if flow:
                 compiled = compiled.with_transform_adapt(verbose=False, show_progress=False)
-        with clock("warmup_and_sampling"):
+        chain_clock = ChainClock(cores)
+        with clock("warmup_and_sampling"), chain_clock:
+            # progress_bar=True only so that nutpie feeds ChainClock (which prints nothing).
             trace = nutpie.sample(
                 compiled,
                 transform_adapt=flow,
@@ -143,8 +324,12 @@ def run_one(target: str, method: str, clock_model_cache: dict) -> None:
                 seed=common.SEED,
                 cores=cores,
                 save_warmup=True,
-                progress_bar=False,
+                progress_bar=True,
             )
+        phases = chain_clock.phases(common.NUM_CHAINS, tune, common.NUM_SAMPLES)
+        total = clock.seconds["compile"] + clock.seconds["warmup_and_sampling"]
+        sampling_seconds = phases["sampling_seconds"] if phases else None
+        first_draw = total - sampling_seconds if phases else None
         stats, wstats = trace.sample_stats, trace.warmup_sample_stats
         n_steps = np.asarray(stats["n_steps"], np.int64)
         n_steps_warm = np.asarray(wstats["n_steps"], np.int64)
@@ -164,8 +349,13 @@ def run_one(target: str, method: str, clock_model_cache: dict) -> None:
                 "warmup": None,
                 "sampling": None,
                 "warmup_and_sampling": clock.seconds["warmup_and_sampling"],
-                "total": clock.seconds["compile"] + clock.seconds["warmup_and_sampling"],
+                "total": total,
             },
+            # From ChainClock (nutpie's progress reports): the sampling phase's wall-clock
+            # seconds (per-chain sampling seconds summed / chains run at once) and the rest.
+            time_to_first_draw=first_draw,
+            sampling_seconds=sampling_seconds,
+            chain_phases=phases,
             counting=(
                 "gradients = sum of n_steps over warm-up and kept draws (save_warmup=True); "
                 "the flow is fitted to those draws' positions and gradients (no extra target "
@@ -176,11 +366,14 @@ def run_one(target: str, method: str, clock_model_cache: dict) -> None:
             ),
             notes=[
                 f"nutpie.sample wall time includes JAX compilation{' and flow training' if flow else ''};"
-                " its phases are not reported apart"
+                " its phases are not reported apart; sampling_seconds is measured from its progress "
+                "reports (ChainClock), time_to_first_draw = total - sampling_seconds"
             ],
             sample_stats_fields=sorted(stats.data_vars),
         )
-        save_run(target, method, record, to_ours(trace.posterior), {"diverging": div, "n_steps": n_steps})
+        draws = to_ours(trace.posterior)
+        record["ess_summary"] = common.ess_summary(draws, total, first_draw, sampling_seconds)
+        save_run(target, method, record, draws, {"diverging": div, "n_steps": n_steps})
 
     common.guarded(target, method, base, go)
 
@@ -190,7 +383,7 @@ save_run = common.save_run
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("targets", nargs="*", help=f"default: all of {list(common.TARGETS)}")
+    parser.add_argument("targets", nargs="*", help=common.TARGETS_HELP)
     parser.add_argument(
         "--methods", nargs="+", default=["nutpie-flow", "nutpie-nuts"], choices=["nutpie-flow", "nutpie-nuts"]
     )

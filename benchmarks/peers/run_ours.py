@@ -14,11 +14,15 @@ Methods (one ``runs/<target>/<method>.{npz,json}`` each), all with 4 chains,
     stage included), then ``nf.sample(target, fit_result, kernel="hmc", seed=1)``
     (NeuTra-HMC with ChEES and the latent-scale window).
 ``ours-adapt``
-    ``nf.sample(target, flow="adapt", kernel=<the bench's kernel>, num_chains=4,
-    ..., seed=1)``: the flow trained on the warm-up draws (above 40 dimensions with no
-    Gaussian that fits, an IAF trained by ``fit`` instead). If this version of neutra_flows does not have it
-    (a TypeError / ValueError about ``flow="adapt"``), the row is recorded as
-    skipped, with the error.
+    ``nf.sample(target, flow="adapt", num_chains=4, ..., seed=1)``, with sample's
+    own default kernel (NUTS; the recommended call ``sample(target, "adapt",
+    seed=1)``, as ``benchmarks/time_to_ess.py``'s ``adapt-nuts``); ``--adapt-kernel
+    bench`` (or ``PEERS_ADAPT_KERNEL=bench``) passes the bench's kernel (HMC), which
+    is how the committed table's ours-adapt rows (2026-12-06) ran. The flow is trained
+    on the warm-up draws (above 40 dimensions with no Gaussian that fits, an IAF
+    trained by ``fit`` instead). If this version of neutra_flows does not have it
+    (no ``FlowAdaptation``, and a TypeError / ValueError about ``flow="adapt"``), the
+    row is recorded as skipped, with the error; any other error is a failed run.
 ``ours-nuts``
     the bench's baseline: ``nf.sample(target, None, kernel="nuts", seed=2)``
     (TFP NUTS with Stan-style windowed diagonal adaptation).
@@ -26,7 +30,10 @@ Methods (one ``runs/<target>/<method>.{npz,json}`` each), all with 4 chains,
 Cost: the attrs ``nf.sample`` writes (``num_grad_evals_training`` from the
 fit, ``num_grad_evals_warmup``, ``num_grad_evals_sampling``, divergences, and the
 seconds ``flow_training_time``, ``compile_time``, ``warmup_time``,
-``sampling_time``); every attr is kept in the record.
+``sampling_time``); every attr is kept in the record. Also recorded:
+``time_to_first_draw`` (sample's attr) and ``sampling_seconds``, and
+``ess_summary`` (min bulk ESS, all-in ESS/s, time to 1000 ESS: see
+``common.ess_summary``).
 """
 
 from __future__ import annotations
@@ -70,7 +77,11 @@ def _record_from_idata(base: dict, idata, extra: dict | None = None) -> tuple[di
         "sampling": _num(attrs, "sampling_time"),
         "warmup_and_sampling": None,
     }
-    times["total"] = sum(v for v in times.values() if v is not None)
+    times["phases_sum"] = sum(v for v in times.values() if v is not None)
+    # All-in: sample's total_time attr (from the call, a FitResult's seconds included, to the
+    # return: the draws' assembly too), as benchmarks/time_to_ess.py counts it; the four
+    # phases' sum where this neutra_flows has no such attr.
+    times["total"] = _num(attrs, "total_time", times["phases_sum"])
     record = dict(base)
     record.update(
         status="ok",
@@ -88,10 +99,17 @@ def _record_from_idata(base: dict, idata, extra: dict | None = None) -> tuple[di
     )
     record.update(extra or {})
     draws = {name: np.asarray(idata.posterior[name], np.float64) for name in idata.posterior.data_vars}
+    # benchmarks/time_to_ess.py's figures: sample's time_to_first_draw attr (a FitResult's
+    # seconds included) and its sampling phase.
+    record["time_to_first_draw"] = _num(attrs, "time_to_first_draw")
+    record["sampling_seconds"] = times["sampling"]
+    record["ess_summary"] = common.ess_summary(
+        draws, times["total"], record["time_to_first_draw"], record["sampling_seconds"]
+    )
     return record, draws, {"diverging": div, "n_steps": n_steps}
 
 
-def run_one(target_key: str, method: str) -> None:
+def run_one(target_key: str, method: str, adapt_kernel: str | None = None) -> None:
     import neutra_flows as nf
 
     try:
@@ -107,9 +125,16 @@ def run_one(target_key: str, method: str) -> None:
         num_samples=common.NUM_SAMPLES,
         progress=False,
     )
+    # adapt_kernel None: sample's own default kernel (the recommended call,
+    # sample(target, "adapt", seed=1)); "bench": the bench's kernel, as the committed
+    # table's rows ran (HMC); else that kernel.
+    kernel_kw = {}
+    if adapt_kernel is not None:
+        kernel_kw["kernel"] = spec.kernel if adapt_kernel == "bench" else adapt_kernel
+    adapt_kernel_name = kernel_kw.get("kernel") or _default_kernel(nf.sample)
     label = {
         "ours-fit": f"neutra_flows NeuTra-{spec.flow.upper()}-{spec.kernel.upper()} (fit, then sample)",
-        "ours-adapt": 'neutra_flows sample(flow="adapt")',
+        "ours-adapt": f'neutra_flows sample(flow="adapt"), kernel {adapt_kernel_name}',
         "ours-nuts": "neutra_flows baseline NUTS (TFP, windowed diagonal)",
     }[method]
     base = {
@@ -159,11 +184,17 @@ def run_one(target_key: str, method: str) -> None:
                 "fit": fit_info,
             }
         elif method == "ours-adapt":
+            adapt_kw = dict(common_kw)
+            if common.QUICK:
+                # The adaptation refits the flow on the warm-up draws and needs at least 200 of them.
+                adapt_kw["num_warmup"] = max(adapt_kw["num_warmup"], 200)
             try:
-                idata = nf.sample(target, flow="adapt", kernel=spec.kernel, seed=seed + 1, **common_kw)
+                idata = nf.sample(target, flow="adapt", seed=seed + 1, **kernel_kw, **adapt_kw)
             except (TypeError, ValueError) as err:
                 text = str(err)
-                if "adapt" in text or "flow" in text:
+                # Skipped only where this neutra_flows has no adaptation at all (no
+                # FlowAdaptation); any other error of a version that has it is a failure.
+                if not hasattr(nf, "FlowAdaptation") and ("adapt" in text or "flow" in text):
                     record = dict(base)
                     record.update(
                         status="skipped",
@@ -173,7 +204,9 @@ def run_one(target_key: str, method: str) -> None:
                     common.save_run(target_key, method, record)
                     return
                 raise
-            extra = {"settings": {"flow": "adapt", "kernel": spec.kernel, "seed": seed + 1} | common_kw}
+            extra = {"settings": {"flow": "adapt", "kernel": adapt_kernel_name,
+                                  "kernel_option": adapt_kernel or "default",
+                                  "seed": seed + 1} | adapt_kw}
         else:
             idata = nf.sample(target, None, kernel="nuts", seed=seed + 2, **common_kw)
             extra = {"settings": {"kernel": "nuts", "seed": seed + 2} | common_kw}
@@ -183,15 +216,29 @@ def run_one(target_key: str, method: str) -> None:
     common.guarded(target_key, method, base, go)
 
 
+def _default_kernel(fn) -> str:
+    import inspect
+
+    return str(inspect.signature(fn).parameters["kernel"].default)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("targets", nargs="*", help=f"default: all of {list(common.TARGETS)}")
+    parser.add_argument("targets", nargs="*", help=common.TARGETS_HELP)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--adapt-kernel",
+        default=os.environ.get("PEERS_ADAPT_KERNEL", "default"),
+        help="ours-adapt's kernel: 'default' (sample's own, NUTS: sample(target, 'adapt', seed=1)), "
+        "'bench' (the bench's, HMC: how the committed table's ours-adapt rows ran), or a kernel name "
+        "(env PEERS_ADAPT_KERNEL)",
+    )
     args = parser.parse_args()
+    adapt_kernel = None if args.adapt_kernel == "default" else args.adapt_kernel
     for target in common.parse_targets(args.targets):
         for method in args.methods:
             t0 = time.perf_counter()
-            run_one(target, method)
+            run_one(target, method, adapt_kernel)
             print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 

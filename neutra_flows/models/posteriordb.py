@@ -53,6 +53,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from neutra_flows._utils import canonical_dtype
+from neutra_flows.models._regression_data import REGRESSIONS
 from neutra_flows.targets import Target
 
 tfb = tfp.bijectors
@@ -212,10 +213,6 @@ def _regression(design, y, priors=None) -> _Model:
     )
 
 
-def _columns(*cols) -> np.ndarray:
-    return np.stack([np.asarray(c, np.float64) for c in cols], axis=1)
-
-
 # -- the ten models ---------------------------------------------------------------------
 
 
@@ -271,9 +268,7 @@ def _arma11(d, dtype) -> _Model:
 
 
 def _earnings(d, dtype) -> _Model:
-    height, male = np.asarray(d["height"], np.float64), np.asarray(d["male"], np.float64)
-    design = _columns(np.ones_like(height), height, male, height * male)
-    return _regression(design, np.log(np.asarray(d["earn"], np.float64)))
+    return _regression(*REGRESSIONS["earnings-logearn_interaction"](d))
 
 
 def _garch11(d, dtype) -> _Model:
@@ -325,10 +320,8 @@ def _gp_regr(d, dtype) -> _Model:
 
 
 def _kidiq(d, dtype) -> _Model:
-    hs, iq = np.asarray(d["mom_hs"], np.float64), np.asarray(d["mom_iq"], np.float64)
-    design = _columns(np.ones_like(hs), hs, iq, hs * iq)
     prior = dict(sigma=tfd.HalfCauchy(tf.zeros([], dtype), tf.constant(2.5, dtype)))
-    return _regression(design, d["kid_score"], priors=prior)
+    return _regression(*REGRESSIONS["kidiq-kidscore_interaction"](d), priors=prior)
 
 
 def _low_dim_gauss_mix(d, dtype) -> _Model:
@@ -355,45 +348,21 @@ def _low_dim_gauss_mix(d, dtype) -> _Model:
 
 
 def _mesquite(d, dtype) -> _Model:
-    v = {k: np.asarray(d[k], np.float64) for k in d if k != "N"}
-    d1, d2 = v["diam1"], v["diam2"]
-    design = _columns(
-        np.ones_like(d1),
-        np.log(d1 * d2 * v["canopy_height"]),
-        np.log(d1 * d2),
-        np.log(d1 / d2),
-        np.log(v["total_height"]),
-        np.log(v["density"]),
-        v["group"],
-    )
-    return _regression(design, np.log(v["weight"]))
+    return _regression(*REGRESSIONS["mesquite-logmesquite_logvas"](d))
 
 
 def _nes(d, dtype) -> _Model:
-    v = {k: np.asarray(d[k], np.float64) for k in d if k != "N"}
-    age = v["age_discrete"]
-    design = _columns(
-        np.ones_like(age),
-        v["real_ideo"],
-        v["race_adj"],
-        age == 2,
-        age == 3,
-        age == 4,
-        v["educ1"],
-        v["gender"],
-        v["income"],
-    )
-    return _regression(design, v["partyid7"])
+    return _regression(*REGRESSIONS["nes2000-nes"](d))
 
 
 def _sblrc(d, dtype) -> _Model:
     ten = tf.constant(10.0, dtype)
-    design = np.asarray(d["X"], np.float64)
+    design, y = REGRESSIONS["sblrc-blr"](d)
     priors = dict(
         beta=tfd.Sample(tfd.Normal(tf.zeros([], dtype), ten), design.shape[1]),
         sigma=tfd.HalfNormal(ten),
     )
-    return _regression(design, d["y"], priors=priors)
+    return _regression(design, y, priors=priors)
 
 
 _BUILDERS: dict[str, Callable[[dict, tf.DType], _Model]] = {
