@@ -185,11 +185,11 @@ class FlowAdaptation:
         had 2.6x the ESS of the Gaussian, 5134 against 1994 (NUTS in the
         latent space), but took 28.5 s all-in against 12.0 s (plain NUTS:
         11.2-14.1 s for 2101; ``python benchmarks/time_to_ess.py``, fresh
-        processes): the refits' compilation alone is about NUTS's whole run. k-hat on 256 draws alone does not
-        separate the banana (0.32-1.19 over three seeds, where the
-        Gaussian-metric run was wrong in 1000 draws: stds 10 % off) from
-        gp_regr (0.43-0.69); on the banana DADVI always wins the stage, so
-        the flow is refitted there. On the other nine posteriordb models the
+        processes): the refits' compilation alone is about NUTS's whole run.
+        k-hat on 256 draws alone does not separate the banana (0.32-1.19 over
+        three seeds, where the Gaussian-metric run was wrong in 1000 draws:
+        stds 10 % off) from gp_regr (0.43-0.69); on the banana DADVI always
+        wins the stage, so the flow is refitted there. On the other nine posteriordb models the
         refits bought nothing the Gaussian had not: kidiq went from 36 s
         all-in to 6-9 s (NUTS: 24-32 s) at the same ESS, arma11 from 54 s to
         15.5 s with more ESS (2666 against 2444). ``None`` always builds and

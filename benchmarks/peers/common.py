@@ -27,6 +27,7 @@ One run = one (target, method) pair, written as two files under
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -107,10 +108,11 @@ def read_posteriordb(target: str) -> dict[str, Any]:
 REGRESSIONS = ("kidiq", "earnings", "mesquite", "nes", "sblrc")
 
 
+@functools.lru_cache(maxsize=1)
 def _regression_module():
-    """``neutra_flows/models/_regression_data.py``, loaded by its path: the one definition of
-    the regressions' design matrices, which the peers' venv (no TensorFlow, so no
-    ``import neutra_flows``) can still read, as it imports nothing but NumPy."""
+    """``neutra_flows/models/_regression_data.py``, loaded by its path (once): the one definition
+    of the regressions' design matrices and arK's lags, which the peers' venv (no TensorFlow,
+    so no ``import neutra_flows``) can still read, as it imports nothing but NumPy."""
     import importlib.util
 
     path = os.path.join(ROOT, "neutra_flows", "models", "_regression_data.py")
@@ -129,12 +131,8 @@ def regression_data(target: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ark_data() -> tuple[np.ndarray, np.ndarray]:
-    """arK's ``(lags, y[K:])``: ``lags[i, j] = y[K + i - (j + 1)]``, as neutra_flows builds them."""
-    d = read_posteriordb("ark")
-    k, t = int(d["K"]), int(d["T"])
-    y = np.asarray(d["y"], np.float64)
-    lags = np.stack([y[k - j - 1 : t - j - 1] for j in range(k)], axis=1)
-    return lags, y[k:]
+    """arK's ``(lags, y[K:])``: ``lags[i, j] = y[K + i - (j + 1)]``, as neutra_flows builds them (same code)."""
+    return _regression_module().ark_lags(read_posteriordb("ark"))
 
 
 def resolve_target(name: str) -> list[str]:
@@ -234,12 +232,13 @@ def ess_summary(
     posterior = az.from_dict(posterior={k: np.asarray(v, np.float64) for k, v in draws.items()})
     ess = az.ess(posterior, method="bulk")
     min_ess = float(min(float(np.min(ess[k].values)) for k in ess.data_vars))
+    extrapolated, per_second, all_in = time_to_ess(min_ess, total_seconds, time_to_first_draw, sampling_seconds)
     return dict(
         min_ess_bulk=min_ess,
         total_seconds=total_seconds,
-        ess_per_second_total=time_to_ess(min_ess, total_seconds, None, None)[1],
-        time_to_1000_ess=time_to_ess(min_ess, total_seconds, time_to_first_draw, sampling_seconds)[0],
-        time_to_1000_ess_all_in=time_to_ess(min_ess, total_seconds, None, None)[2],
+        ess_per_second_total=per_second,
+        time_to_1000_ess=extrapolated,
+        time_to_1000_ess_all_in=all_in,
         definition=(
             "time_to_1000_ess = time_to_first_draw + sampling_seconds * 1000 / min_ess_bulk "
             "(benchmarks/time_to_ess.py); time_to_1000_ess_all_in = total_seconds * 1000 / min_ess_bulk"

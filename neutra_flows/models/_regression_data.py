@@ -1,4 +1,4 @@
-"""The posteriordb linear regressions' design matrices and responses, in NumPy alone.
+"""The posteriordb linear regressions' design matrices and responses (and arK's lags), in NumPy alone.
 
 One definition for the package's targets (:mod:`neutra_flows.models.posteriordb`)
 and for the peers benchmark (``benchmarks/peers/common.py``), whose virtual
@@ -50,6 +50,13 @@ def _nes(d: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     design = columns(np.ones_like(age), v["real_ideo"], v["race_adj"], age == 2, age == 3, age == 4,
                      v["educ1"], v["gender"], v["income"])
     return design, v["partyid7"]
+
+
+def ark_lags(d: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """arK's ``(lags [T - K, K], y[K:])``: ``lags[i, j] = y[K + i - (j + 1)]``, the modelled times' lags."""
+    k, t = int(d["K"]), int(d["T"])
+    y = np.asarray(d["y"], np.float64)
+    return np.stack([y[k - j - 1 : t - j - 1] for j in range(k)], axis=1), y[k:]
 
 
 def _sblrc(d: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -53,7 +53,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from neutra_flows._utils import canonical_dtype
-from neutra_flows.models._regression_data import REGRESSIONS
+from neutra_flows.models._regression_data import REGRESSIONS, ark_lags
 from neutra_flows.targets import Target
 
 tfb = tfp.bijectors
@@ -217,10 +217,8 @@ def _regression(design, y, priors=None) -> _Model:
 
 
 def _ark(d, dtype) -> _Model:
-    k, t = int(d["K"]), int(d["T"])
-    y = np.asarray(d["y"], np.float64)
-    # lags[i, j] = y[t - (j + 1)] for the modelled times t = K .. T-1 (0-based).
-    lags = np.stack([y[k - j - 1 : t - j - 1] for j in range(k)], axis=1)
+    k = int(d["K"])
+    lags, y_modelled = ark_lags(d)
 
     def log_likelihood(x, c):
         loc = x["alpha"][..., tf.newaxis] + tf.einsum("tk,...k->...t", c["lags"], x["beta"])
@@ -236,7 +234,7 @@ def _ark(d, dtype) -> _Model:
             sigma=tfd.HalfCauchy(tf.zeros([], dtype), tf.constant(2.5, dtype)),
         ),
         log_likelihood=log_likelihood,
-        constants=dict(lags=lags, y=y[k:]),
+        constants=dict(lags=lags, y=y_modelled),
     )
 
 
